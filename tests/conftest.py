@@ -32,3 +32,25 @@ def shared_assets():
     if not SHARED_ASSETS.is_dir():
         pytest.skip(f"{SHARED_ASSETS} not found")
     return SHARED_ASSETS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def novelkit_home(tmp_path_factory):
+    """Build the embedded default model into a per-run folder unless the caller points at one."""
+    if "NOVELKIT_HOME" not in os.environ:
+        os.environ["NOVELKIT_HOME"] = str(tmp_path_factory.mktemp("novelkit_home"))
+    return Path(os.environ["NOVELKIT_HOME"])
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(novelkit_home):
+    from novelkit.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_model_dir):
+    from novelkit.loading import load_tokenizer
+
+    return load_tokenizer(str(default_model_dir))

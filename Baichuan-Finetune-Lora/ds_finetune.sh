@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# LoRA SFT. Every variable below can be overridden from the environment, e.g.
+#   MODEL_PATH=/models/Baichuan2-7B-Base DATA=my.jsonl LORA_R=16 bash Baichuan-Finetune-Lora/ds_finetune.sh
+# Extra arguments go to finetune.py (any transformers TrainingArguments flag).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+MODEL_PATH=${MODEL_PATH:-}                          # empty: the embedded default model
+DATA=${DATA:-$ROOT/data_examples/sft/train.jsonl}   # any supported format
+DEV=${DEV:-$ROOT/data_examples/sft/dev.jsonl}       # eval loss during training; empty: none
+OUTPUT_DIR=${OUTPUT_DIR:-output/lora}               # adapter + checkpoints; reruns resume from here
+TEMPLATE=${TEMPLATE:-}                              # empty: the model's own
+MAX_LENGTH=${MAX_LENGTH:-512}
+LORA_R=${LORA_R:-8}
+LORA_ALPHA=${LORA_ALPHA:-16}
+LORA_DROPOUT=${LORA_DROPOUT:-0.05}
+LORA_TARGET=${LORA_TARGET:-auto}                    # auto (W_pack on Baichuan) | all | q_proj,v_proj,...
+EPOCHS=${EPOCHS:-3}
+LR=${LR:-2e-4}
+BATCH=${BATCH:-4}
+GRAD_ACCUM=${GRAD_ACCUM:-1}
+DS_CONFIG=${DS_CONFIG:-}                            # e.g. $ROOT/Baichuan-Finetune-Lora/ds_zero2.json; empty: none
+NUM_GPUS=${NUM_GPUS:-1}
+
+LAUNCH="python"
+[ -n "$DS_CONFIG" ] && LAUNCH="torchrun --nproc_per_node $NUM_GPUS"
+$LAUNCH "$ROOT/Baichuan-Finetune-Lora/finetune.py" \
+  --model_path "$MODEL_PATH" --data "$DATA" --dev "$DEV" --output_dir "$OUTPUT_DIR" --template "$TEMPLATE" \
+  --max_length "$MAX_LENGTH" --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT" \
+  --lora_target "$LORA_TARGET" --num_train_epochs "$EPOCHS" --learning_rate "$LR" \
+  --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size "$BATCH" \
+  --gradient_accumulation_steps "$GRAD_ACCUM" --lr_scheduler_type cosine --warmup_ratio 0.05 \
+  --logging_steps 5 --eval_strategy epoch --save_strategy epoch --save_total_limit 2 --report_to tensorboard \
+  ${DS_CONFIG:+--deepspeed "$DS_CONFIG"} "$@"
