@@ -7,7 +7,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 MODEL_PATH=${MODEL_PATH:-}                          # empty: the embedded default model
 DATA=${DATA:-$ROOT/data_examples/sft/train.jsonl}   # any supported format
-DEV=${DEV:-$ROOT/data_examples/sft/dev.jsonl}       # eval loss during training; empty: none
+DEV=${DEV-$ROOT/data_examples/sft/dev.jsonl}       # eval loss during training; empty: none
 OUTPUT_DIR=${OUTPUT_DIR:-output/lora}               # adapter + checkpoints; reruns resume from here
 TEMPLATE=${TEMPLATE:-}                              # empty: the model's own
 MAX_LENGTH=${MAX_LENGTH:-512}
@@ -29,6 +29,6 @@ $LAUNCH "$ROOT/Baichuan-Finetune-Lora/finetune.py" \
   --max_length "$MAX_LENGTH" --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT" \
   --lora_target "$LORA_TARGET" --num_train_epochs "$EPOCHS" --learning_rate "$LR" \
   --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size "$BATCH" \
-  --gradient_accumulation_steps "$GRAD_ACCUM" --lr_scheduler_type cosine --warmup_ratio 0.05 \
+  --gradient_accumulation_steps "$GRAD_ACCUM" --lr_scheduler_type cosine --warmup_steps 0.05 \
   --logging_steps 5 --eval_strategy epoch --save_strategy epoch --save_total_limit 2 --report_to tensorboard \
   ${DS_CONFIG:+--deepspeed "$DS_CONFIG"} "$@"

@@ -26,7 +26,7 @@ def main():
     model = load_model(model_path, dtype=args.dtype, device="cpu", adapter=args.lora_model)
     merged = model.merge_and_unload()  # W + (alpha/r)·B·A folded into each target weight
     merged.save_pretrained(args.output_dir)
-    load_tokenizer(args.lora_model).save_pretrained(args.output_dir)
+    load_tokenizer(model_path).save_pretrained(args.output_dir)
     print(f"merged model saved to {args.output_dir}")
 
 

@@ -47,8 +47,8 @@ def main():
     model_path = args.model_path or (adapter_base_path(args.lora_model) if args.lora_model else "")
     out_dir = Path(args.output_dir or args.lora_model or "output/predict")
 
-    tokenizer = load_tokenizer(args.lora_model or model_path) if args.lora_model else load_tokenizer(model_path)
     model = load_model(model_path, dtype=args.dtype, adapter=args.lora_model or None)
+    tokenizer = load_tokenizer(model_path)
     template_name = args.template or default_template_name(tokenizer, model.config)
     template = get_template(template_name)
 

@@ -19,6 +19,10 @@ class ModelError(ValueError):
     """A model, tokenizer or adapter folder that cannot be used, with the reason."""
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work (unknown template, format, dtype …), with the accepted values."""
+
+
 def exit_on_error(main):
     """Wrap a script's main(): known errors print one line to stderr and exit 2."""
 
@@ -26,7 +30,7 @@ def exit_on_error(main):
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (DataError, ModelError) as e:
+        except (DataError, ModelError, ConfigError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from novelkit.errors import DataError
+from novelkit.errors import ConfigError, DataError
 from novelkit.readers import Record, RecordStream, report_skipped
 
 CSL_TITLE2ABSTRACT_PROMPT = "根据标题生成中文学位论文摘要："
@@ -253,7 +253,7 @@ def _is_csl_path(path: str) -> bool:
 def to_sample(record: Record, fmt: str) -> Sample:
     """Convert one record; DataError naming the field when it does not fit `fmt`."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
     sample = FORMATS[fmt](record)
     if not sample.prompt.strip() and not sample.response.strip():
         raise _error(record, "empty sample: both prompt and response are empty")
@@ -265,7 +265,7 @@ def load_samples(path, fmt: str | None = None, *, skip_bad: bool = False, tsv_co
     record must fit it. With skip_bad, bad records are left out, counted in `.skipped` and reported on stderr.
     """
     if fmt is not None and fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
     records = RecordStream(path, skip_bad=skip_bad, tsv_columns=tsv_columns, warn=False)
     samples = Samples()
     for record in records:

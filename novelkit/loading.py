@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
 FINGERPRINT_FILE = "novelkit_base.json"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 FINGERPRINT_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads")
 
@@ -47,6 +48,8 @@ def load_tokenizer(path: str | None):
         path = resolve_model_path(path)
     elif not Path(path).is_dir():
         raise ModelError(f"tokenizer folder not found: {path}")
+    if not any(Path(path, f).exists() for f in TOKENIZER_FILES):
+        raise ModelError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)} missing)")
     if _tokenizer_config(path).get("tokenizer_class") == "BaichuanTokenizer":
         tokenizer = BaichuanTokenizer.from_pretrained(path)
     else:
@@ -70,7 +73,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "fp32": torch.float32, "float32": torch.float32}
     if dtype not in names:
-        raise ModelError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(names)}")
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(names)}")
     return names[dtype]
 
 

@@ -51,6 +51,10 @@ class Book:
 
 def detect_encoding(path) -> str:
     """"utf-8-sig" when there is a UTF-8 BOM, else "utf-8" if the start decodes strictly, else "gb18030"."""
+    if not Path(path).exists():
+        raise DataError(path, None, "file not found")
+    if Path(path).is_dir():
+        raise DataError(path, None, "is a folder; expected a file")
     with open(path, "rb") as f:
         head = f.read(SNIFF_BYTES)
     if head.startswith(codecs.BOM_UTF8):

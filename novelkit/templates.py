@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import ConfigError
 from .formats import Sample
 
 PROMPT, QUERY, RESPONSE, END = "prompt", "query", "response", "end"  # segment kinds; RESPONSE and END are learned
@@ -69,7 +70,7 @@ def get_template(name: str) -> Template | str:
     if name == TOKENIZER_TEMPLATE:
         return name
     if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; known: {', '.join(TEMPLATE_NAMES)}")
+        raise ConfigError(f"unknown template {name!r}; known: {', '.join(TEMPLATE_NAMES)}")
     return TEMPLATES[name]
 
 

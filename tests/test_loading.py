@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from novelkit.errors import ModelError
+from novelkit.errors import ConfigError, ModelError
 from novelkit.loading import load_model, load_tokenizer, resolve_model_path, write_base_fingerprint
 
 
@@ -67,5 +67,10 @@ def test_not_an_adapter(tmp_path, default_model_dir):
 
 
 def test_bad_dtype(default_model_dir):
-    with pytest.raises(ModelError, match="unknown dtype"):
+    with pytest.raises(ConfigError, match="unknown dtype"):
         load_model(str(default_model_dir), dtype="fp8")
+
+
+def test_folder_without_tokenizer(tmp_path):
+    with pytest.raises(ModelError, match="has no tokenizer"):
+        load_tokenizer(str(tmp_path))
