@@ -81,6 +81,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def max_positions(config) -> int:
+    """Longest sequence the model was built for (ALiBi Baichuan configs carry model_max_length instead)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "model_max_length", None) or 2048
+
+
 def base_fingerprint(config) -> dict:
     return {k: getattr(config, k, None) for k in FINGERPRINT_FIELDS}
 
@@ -111,6 +116,9 @@ def load_model(path: str | None, *, dtype="auto", device: str | None = None, dev
     is moved to `device` (default: cuda when available)."""
     from transformers import AutoModelForCausalLM
 
+    from .baichuan import register
+
+    register()  # Baichuan folders load through our own classes, never their remote code
     path = resolve_model_path(path)
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)

@@ -341,15 +341,21 @@ def _json_type(value) -> str:
 
 def read_books(path) -> list[Book]:
     """Books from a .txt file, a folder of .txt files (recursive, sorted) or JSON lines of {name, text} / {text}."""
+    return list(iter_books(path))
+
+
+def iter_books(path) -> Iterator[Book]:
+    """read_books one book at a time, so a corpus of hundreds of novels never sits in memory whole."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() == ".txt")
         if not files:
             raise DataError(path, None, "no .txt files in this folder")
-        return [_read_book_file(p) for p in files]
-    if path.suffix.lower() == ".txt":
-        return [_read_book_file(path)]
-    return [_book_from_record(record) for record in iter_records(path)]
+        yield from (_read_book_file(p) for p in files)
+    elif path.suffix.lower() == ".txt":
+        yield _read_book_file(path)
+    else:
+        yield from (_book_from_record(record) for record in iter_records(path))
 
 
 def _read_book_file(path: Path) -> Book:

@@ -57,8 +57,8 @@ def default_template_name(tokenizer, config=None) -> str:
     """The template a model was trained with, as far as its config and tokenizer tell."""
     model_type = getattr(config, "model_type", "")
     if model_type == "baichuan":
-        # Baichuan 2 has the 125,696-entry vocabulary; Baichuan 1 chat models used <reserved_102/103>
-        return "baichuan2" if getattr(config, "vocab_size", 0) > 100_000 else "baichuan"
+        # Baichuan 2 (NormHead) chat models use <reserved_106/107>; Baichuan 1 chat models <reserved_102/103>
+        return "baichuan2" if getattr(config, "use_norm_head", False) else "baichuan"
     if getattr(tokenizer, "chat_template", None):
         return TOKENIZER_TEMPLATE
     if model_type in ("qwen2", "qwen3"):

@@ -131,8 +131,11 @@ def test_tokenizer_chat_template(default_tokenizer):
 def test_default_template_choice(bc2):
     from types import SimpleNamespace
 
-    assert default_template_name(bc2[0], SimpleNamespace(model_type="baichuan", vocab_size=125696)) == "baichuan2"
-    assert default_template_name(bc2[0], SimpleNamespace(model_type="baichuan", vocab_size=64000)) == "baichuan"
+    from novelkit.baichuan import tiny_config
+
+    assert default_template_name(bc2[0], tiny_config("baichuan2-7b")) == "baichuan2"
+    assert default_template_name(bc2[0], tiny_config("baichuan2-13b")) == "baichuan2"
+    assert default_template_name(bc2[0], tiny_config("baichuan-13b")) == "baichuan"
     assert default_template_name(bc2[0], SimpleNamespace(model_type="qwen2", vocab_size=151936)) == "chatml"
     with pytest.raises(ValueError, match="unknown template"):
         get_template("nope")

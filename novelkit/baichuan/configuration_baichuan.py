@@ -58,7 +58,9 @@ class BaichuanConfig(PretrainedConfig):
         if position_embedding not in (None, "rope", "alibi"):
             raise ValueError(f"position_embedding must be 'rope' or 'alibi', not {position_embedding!r}")
         if hidden_size % num_attention_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
+            raise ValueError(
+                f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}"
+            )
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size

@@ -7,8 +7,9 @@ Same weights, names and outputs as the original modelling files (written for tra
 - lm_head: plain linear (Baichuan 1) or NormHead (Baichuan 2: rows L2-normalised); untied from the embeddings;
 - loss: mean cross-entropy of the shifted tokens, plus Baichuan 2's z-loss when `z_loss_weight` is non-zero.
 
-Unlike the original, it supports left padding with batches (positions come from the attention mask), the transformers
-Cache API (DynamicCache), gradient checkpointing and `scaled_dot_product_attention` in every mode.
+Beyond the original: batched left padding for every variant (RoPE positions counted from the attention mask, ALiBi
+distances between real tokens; Baichuan-13B's code ignored the mask), the transformers Cache API (DynamicCache),
+gradient checkpointing, and torch's scaled_dot_product_attention in every mode.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -85,12 +87,12 @@ def positions_from_mask(attention_mask, past_length, query_length, device):
     return positions[:, -query_length:]
 
 
-def attention_bias(attention_mask, query_length, past_length, dtype, device, slopes=None):
-    """Additive attention bias (batch or 1, heads or 1, query, key): causal + padding mask, plus ALiBi when `slopes`.
+def attention_allowed(attention_mask, query_length, past_length, device):
+    """Boolean mask (batch or 1, 1, query, key), True where a query may attend a key: causal and not padding.
 
     The queries are the last `query_length` of `past_length + query_length` cached positions. A padding query would see
-    no key at all (a row of -inf turns softmax into NaN), so every query may always see itself; the outputs at padding
-    positions are meaningless anyway and masked out downstream.
+    no key at all (softmax over nothing is NaN), so every query may always see itself; the outputs at padding positions
+    are meaningless anyway and masked out downstream.
     """
     key_length = past_length + query_length
     query_index = torch.arange(past_length, key_length, device=device)[:, None]
@@ -98,16 +100,29 @@ def attention_bias(attention_mask, query_length, past_length, dtype, device, slo
     allowed = (key_index <= query_index)[None, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :].bool()
-    allowed = allowed | (key_index == query_index)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    if slopes is not None:
-        # ALiBi: -slope * distance to the key. With left (or right) padding the real tokens are contiguous, so the
-        # distance in cache slots equals the distance in tokens. The original adds slope * key_index at inference,
-        # which differs by a per-query constant, i.e. gives the same softmax.
-        distance = (query_index - key_index).clamp(min=0).to(torch.float32)
-        slopes = torch.tensor(slopes, dtype=torch.float32, device=device)
-        bias = bias + (-slopes[:, None, None] * distance).to(dtype)
-    return bias
+    return allowed | (key_index == query_index)
+
+
+def alibi_bias(allowed, num_heads, dtype):
+    """ALiBi as an additive float mask (batch or 1, heads, query, key): -slope * distance, the dtype's minimum where
+    `allowed` is False.
+
+    With left (or right) padding the real tokens are contiguous, so the distance in cache slots is the distance in
+    tokens. The original adds slope * key_index at inference, which differs by a per-query constant: same softmax.
+    """
+    query_length, key_length = allowed.shape[-2:]
+    device = allowed.device
+    query_index = torch.arange(key_length - query_length, key_length, device=device)[:, None]
+    distance = (query_index - torch.arange(key_length, device=device)[None, :]).clamp(min=0).to(torch.float32)
+    slopes = torch.tensor(alibi_slopes(num_heads), dtype=torch.float32, device=device)
+    bias = (-slopes[:, None, None] * distance).to(dtype)
+    return torch.where(allowed, bias, torch.finfo(dtype).min)
+
+
+# Not cuDNN attention: on recent NVIDIA GPUs torch may pick it first, and it builds a new execution plan for every new
+# sequence length (measured on an H200 with torch 2.11: 40-120 ms per generated token, seconds per new training
+# length). Flash and memory-efficient attention handle every shape at full speed.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class BaichuanAttention(nn.Module):
@@ -120,7 +135,8 @@ class BaichuanAttention(nn.Module):
         self.W_pack = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, bias, cos, sin, past_key_values):
+    def forward(self, hidden_states, mask, cos, sin, past_key_values):
+        """`mask`: None (causal, no padding), boolean (True = may attend) or float (ALiBi bias, added to the scores)."""
         batch_size, query_length, _ = hidden_states.shape
         qkv = self.W_pack(hidden_states).view(batch_size, query_length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, seq, head_dim)
@@ -128,10 +144,11 @@ class BaichuanAttention(nn.Module):
             query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-        # No bias means plain causal attention without padding: is_causal lets SDPA choose its fastest kernel.
-        output = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=bias, is_causal=bias is None and query_length > 1
-        )
+        with sdpa_kernel(SDPA_BACKENDS):
+            # Without a mask (no padding), is_causal lets SDPA use flash attention.
+            output = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, is_causal=mask is None and query_length > 1
+            )
         return self.o_proj(output.transpose(1, 2).reshape(batch_size, query_length, -1))
 
 
@@ -155,9 +172,9 @@ class BaichuanDecoderLayer(nn.Module):
         self.input_layernorm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, bias, cos, sin, past_key_values):
+    def forward(self, hidden_states, mask, cos, sin, past_key_values):
         hidden_states = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), bias, cos, sin, past_key_values
+            self.input_layernorm(hidden_states), mask, cos, sin, past_key_values
         )
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -224,8 +241,9 @@ class BaichuanModel(BaichuanPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ):
-        """`attention_mask` is the usual 2D (batch, past + new tokens) 0/1 mask. Extra keyword arguments that
-        `generate` passes in some transformers versions (e.g. `cache_position`) are not needed and ignored."""
+        """`attention_mask` is the usual 2D (batch, past + new tokens) 0/1 mask. `position_ids` (RoPE models only)
+        default to positions counted over the mask. Extra keyword arguments that `generate` passes in some transformers
+        versions (e.g. `cache_position`) are not needed and ignored."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if output_attentions:
@@ -247,26 +265,26 @@ class BaichuanModel(BaichuanPreTrainedModel):
             past_key_values = DynamicCache()
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         query_length = inputs_embeds.shape[1]
-        device, dtype = inputs_embeds.device, inputs_embeds.dtype
+        device = inputs_embeds.device
         if attention_mask is not None and attention_mask.shape[-1] != past_length + query_length:
             raise ValueError(
                 f"attention_mask covers {attention_mask.shape[-1]} tokens, expected past {past_length} + new "
                 f"{query_length}"
             )
 
-        has_padding = attention_mask is not None and not bool(attention_mask.all())
         if self.config.use_alibi:
             cos = sin = None
-            slopes = alibi_slopes(self.config.num_attention_heads)
-            bias = attention_bias(attention_mask, query_length, past_length, dtype, device, slopes)
+            allowed = attention_allowed(attention_mask, query_length, past_length, device)
+            mask = alibi_bias(allowed, self.config.num_attention_heads, inputs_embeds.dtype)
         else:
             if position_ids is None:
                 position_ids = positions_from_mask(attention_mask, past_length, query_length, device)
             cos, sin = rotary_cos_sin(position_ids, self.config.hidden_size // self.config.num_attention_heads)
+            has_padding = attention_mask is not None and not bool(attention_mask.all())
             if has_padding or (past_length > 0 and query_length > 1):
-                bias = attention_bias(attention_mask, query_length, past_length, dtype, device)
+                mask = attention_allowed(attention_mask, query_length, past_length, device)
             else:
-                bias = None  # plain causal (or a single new token that sees everything)
+                mask = None  # plain causal (or a single new token that sees everything)
 
         hidden_states = inputs_embeds
         all_hidden_states = []
@@ -274,11 +292,9 @@ class BaichuanModel(BaichuanPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
             if self.gradient_checkpointing and self.training:
-                hidden_states = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, bias, cos, sin, None
-                )
+                hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states, mask, cos, sin, None)
             else:
-                hidden_states = layer(hidden_states, bias, cos, sin, past_key_values)
+                hidden_states = layer(hidden_states, mask, cos, sin, past_key_values)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             # As the original: the last entry is the output after the final norm.
@@ -358,7 +374,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            loss = self.compute_loss(logits, labels)
+            loss = self.causal_lm_loss(logits, labels)
 
         output = CausalLMOutputWithPast(
             loss=loss,
@@ -369,7 +385,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return output if return_dict else output.to_tuple()
 
-    def compute_loss(self, logits, labels):
+    def causal_lm_loss(self, logits, labels):
         """Mean cross-entropy of each token predicting the next one, plus Baichuan 2's z-loss.
 
         z-loss as the original: z_loss_weight * mean over all shifted positions (ignored labels included) of the
