@@ -146,5 +146,6 @@ def attach_adapter(model, adapter_dir: str, trainable: bool = False):
     check_adapter(adapter_dir, model.config)
     try:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
-    except RuntimeError as e:  # size mismatches from an adapter of another base without our fingerprint
+    except (RuntimeError, ValueError) as e:
+        # an adapter of another base without our fingerprint: size mismatches, or target modules this base lacks
         raise ModelError(f"adapter {adapter_dir} does not fit this base model: {str(e).splitlines()[0]}") from e
