@@ -7,7 +7,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 MODEL_PATH=${MODEL_PATH:-}                          # empty: the embedded default model
 DATA=${DATA:-$ROOT/data_examples/sft/train.jsonl}   # any supported format
-DEV=${DEV-$ROOT/data_examples/sft/dev.jsonl}       # eval loss during training; empty: none
+DEV=${DEV-$ROOT/data_examples/sft/dev.jsonl}       # eval loss + ROUGE during training; empty: none
 OUTPUT_DIR=${OUTPUT_DIR:-output/lora}               # adapter + checkpoints; reruns resume from here
 TEMPLATE=${TEMPLATE:-}                              # empty: the model's own
 MAX_LENGTH=${MAX_LENGTH:-512}
@@ -19,6 +19,10 @@ EPOCHS=${EPOCHS:-3}
 LR=${LR:-2e-4}
 BATCH=${BATCH:-4}
 GRAD_ACCUM=${GRAD_ACCUM:-1}
+# bf16 mixed precision; default: true on a GPU that supports it, false elsewhere
+BF16=${BF16:-$(python -c 'import torch as t; print(str(t.cuda.is_available() and t.cuda.is_bf16_supported()).lower())')}
+EVAL_STEPS=${EVAL_STEPS:-0.2}                       # evaluate (and save) every N steps; below 1: that share of all
+EVAL_SAMPLES=${EVAL_SAMPLES:-16}                    # dev samples generated for ROUGE at each evaluation; 0: loss only
 DS_CONFIG=${DS_CONFIG:-}                            # e.g. $ROOT/Baichuan-Finetune-Lora/ds_zero2.json; empty: none
 NUM_GPUS=${NUM_GPUS:-1}
 
@@ -29,6 +33,7 @@ $LAUNCH "$ROOT/Baichuan-Finetune-Lora/finetune.py" \
   --max_length "$MAX_LENGTH" --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT" \
   --lora_target "$LORA_TARGET" --num_train_epochs "$EPOCHS" --learning_rate "$LR" \
   --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size "$BATCH" \
-  --gradient_accumulation_steps "$GRAD_ACCUM" --lr_scheduler_type cosine --warmup_steps 0.05 \
-  --logging_steps 5 --eval_strategy epoch --save_strategy epoch --save_total_limit 2 --report_to tensorboard \
+  --gradient_accumulation_steps "$GRAD_ACCUM" --bf16 "$BF16" --lr_scheduler_type cosine --warmup_steps 0.05 \
+  --logging_steps 5 --eval_strategy steps --eval_steps "$EVAL_STEPS" --eval_samples "$EVAL_SAMPLES" \
+  --save_strategy steps --save_steps "$EVAL_STEPS" --save_total_limit 2 --report_to tensorboard \
   ${DS_CONFIG:+--deepspeed "$DS_CONFIG"} "$@"

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Generate for a dev file with the trained adapter and print ROUGE. Override any variable from the environment:
+# Generate for a dev file with the trained adapter and print ROUGE; or fill a test file (submission mode). Override
+# any variable from the environment:
 #   LORA_MODEL=output/lora DATA=my_dev.jsonl bash Baichuan-Finetune-Lora/run_predict.sh
+#   DATA=data/csl/test.json SUBMIT=output/lora/submit.json bash Baichuan-Finetune-Lora/run_predict.sh
+# A killed run resumes where it stopped. Extra arguments go to predict.py (--do_sample, --interactive --with_prompt …).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -8,8 +11,12 @@ MODEL_PATH=${MODEL_PATH:-}                        # empty: the adapter's recorde
 LORA_MODEL=${LORA_MODEL:-output/lora}             # adapter folder written by ds_finetune.sh
 DATA=${DATA:-$ROOT/data_examples/sft/dev.jsonl}
 OUTPUT_DIR=${OUTPUT_DIR:-$LORA_MODEL}             # predictions.jsonl + metrics.json
+SUBMIT=${SUBMIT:-}                                # submission mode: write DATA's records with outputs filled here
 BATCH=${BATCH:-8}
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-256}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-}                # empty: the model's generation_config.json, else 256
+RETRIEVAL_INDEX=${RETRIEVAL_INDEX:-}              # Baichuan-Embedding index: adds a 前情提要 block; empty: none
 
 python "$ROOT/Baichuan-Finetune-Lora/predict.py" --model_path "$MODEL_PATH" --lora_model "$LORA_MODEL" \
-  --data "$DATA" --output_dir "$OUTPUT_DIR" --batch_size "$BATCH" --max_new_tokens "$MAX_NEW_TOKENS" "$@"
+  --data "$DATA" --output_dir "$OUTPUT_DIR" --batch_size "$BATCH" \
+  ${MAX_NEW_TOKENS:+--max_new_tokens "$MAX_NEW_TOKENS"} \
+  ${SUBMIT:+--submit_file "$SUBMIT"} ${RETRIEVAL_INDEX:+--retrieval_index "$RETRIEVAL_INDEX"} "$@"

@@ -71,22 +71,36 @@ def encode_sft(tokenizer, template, sample: Sample, max_length: int) -> EncodedS
     return encoded
 
 
-def encode_sft_dataset(tokenizer, template, samples: Iterable[Sample], max_length: int, quiet=False) -> list[dict]:
-    """Encode every sample; report how many were truncated (nothing is dropped silently)."""
-    rows, truncated, unlearnable = [], 0, 0
+def encode_sft_dataset(tokenizer, template, samples, max_length: int, name: str = "training") -> list[dict]:
+    """Encoded rows; samples that had to be cut are reported with the first one's file and line."""
+    rows, cut, response_cut = [], [], []
     for sample in samples:
-        enc = encode_sft(tokenizer, template, sample, max_length)
-        truncated += enc.truncated
-        if all(label == IGNORE_INDEX for label in enc.labels):
-            unlearnable += 1
-        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
-    if not quiet and (truncated or unlearnable):
-        print(
-            f"[data] {truncated} of {len(rows)} samples truncated to max_length={max_length}"
-            + (f"; {unlearnable} have no response token left (they teach nothing)" if unlearnable else ""),
-            file=sys.stderr,
-        )
+        encoded = encode_sft(tokenizer, template, sample, max_length)
+        rows.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
+        if encoded.truncated:
+            cut.append(sample)
+            whole = encode_sft(tokenizer, template, sample, sys.maxsize)
+            if _learned(encoded) < _learned(whole):
+                response_cut.append((sample, len(whole.input_ids)))
+    if response_cut:
+        sample, length = response_cut[0]
+        print(f"warning: {_where(sample)}: the sample is {length} tokens and its response does not fit "
+              f"max_length={max_length}; {len(response_cut)} of {len(rows)} {name} samples lose the end of their "
+              f"response (the model does not learn where those end). Raise MAX_LENGTH (--max_length) to keep them "
+              f"whole", file=sys.stderr)
+    elif cut:
+        print(f"note: {len(cut)} of {len(rows)} {name} samples longer than max_length={max_length} had history or "
+              f"prompt cut, responses kept (first: {_where(cut[0])})", file=sys.stderr)
     return rows
+
+
+def _learned(encoded) -> int:
+    return sum(label != IGNORE_INDEX for label in encoded.labels)
+
+
+def _where(sample: Sample) -> str:
+    return f"{sample.meta.get('path', '?')}:{sample.meta.get('line', '?')}"
+
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from .api_protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, messages_to_sample
 from .errors import exit_on_error
 from .formats import Sample
-from .generation_worker import Failed, Finished, GenerationRequest, GenerationWorker, Started, Text
+from .generation_worker import Failed, Finished, GenerationRequest, GenerationWorker, Text
 
 
 def create_app(worker: GenerationWorker, model_name: str, api_key: str = "") -> FastAPI:

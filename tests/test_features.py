@@ -47,9 +47,11 @@ def test_oldest_history_dropped_first(tok):
 
 
 def test_short_sample_untouched_and_report(tok, capsys):
-    rows = encode_sft_dataset(tok, T, [Sample("问", "答"), Sample("长" * 300, "答")], max_length=32)
+    rows = encode_sft_dataset(tok, T, [Sample("问", "答"), Sample("长" * 300, "答", meta={"path": "a.jsonl", "line": 2})],
+                              max_length=32)
     assert len(rows) == 2
-    assert "1 of 2 samples truncated" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 of 2 training samples longer than max_length=32 had history or prompt cut" in err and "a.jsonl:2" in err
 
 
 def test_collator_pads_right():

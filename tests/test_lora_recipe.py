@@ -73,7 +73,8 @@ def test_predict_writes_predictions_and_metrics(trained, csl_files):
     rows = [json.loads(line) for line in (pred / "predictions.jsonl").read_text().splitlines()]
     dev = [json.loads(line) for line in (csl_files / "dev.jsonl").read_text().splitlines()]
     assert len(rows) == len(dev) == 8
-    assert [{k: v for k, v in r.items() if k != "response"} for r in rows] == dev  # order and fields kept
+    assert [{k: v for k, v in r.items() if k not in ("index", "response")} for r in rows] == dev  # fields kept
+    assert [r["index"] for r in rows] == list(range(8))  # in input order
     assert all(isinstance(r["response"], str) for r in rows)
     metrics = json.loads((pred / "metrics.json").read_text())
     for key in ("rouge-chinese/word", "rouge-chinese/char", "standard/word", "standard/char"):

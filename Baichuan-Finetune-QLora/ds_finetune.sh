@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# QLoRA SFT: the base in 4-bit NF4, LoRA adapters trained on top. Every variable below can be overridden from the
+# environment, e.g.
+#   MODEL_PATH=/models/Baichuan2-13B-Base DATA=data/ner/train.json DEV=data/ner/dev.json \
+#     bash Baichuan-Finetune-QLora/ds_finetune.sh
+# Extra arguments go to finetune.py (any transformers TrainingArguments flag, e.g. --optim adamw_torch).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+MODEL_PATH=${MODEL_PATH:-}                          # empty: the embedded default model
+DATA=${DATA:-$ROOT/data_examples/sft/train.jsonl}   # any supported format (prepare_data.py makes the seeds' tasks)
+DEV=${DEV-$ROOT/data_examples/sft/dev.jsonl}       # eval loss + ROUGE during training; empty: none
+OUTPUT_DIR=${OUTPUT_DIR:-output/qlora}              # adapter + checkpoints; reruns resume from here
+TEMPLATE=${TEMPLATE:-}                              # empty: the model's own
+MAX_LENGTH=${MAX_LENGTH:-512}
+LORA_R=${LORA_R:-64}
+LORA_ALPHA=${LORA_ALPHA:-16}
+LORA_DROPOUT=${LORA_DROPOUT:-0.05}
+LORA_TARGET=${LORA_TARGET:-all}                     # all linear layers, as in the QLoRA paper | auto | W_pack,...
+EPOCHS=${EPOCHS:-3}
+LR=${LR:-2e-4}
+BATCH=${BATCH:-4}
+GRAD_ACCUM=${GRAD_ACCUM:-1}
+# bf16 mixed precision; default: true on a GPU that supports it, false elsewhere
+BF16=${BF16:-$(python -c 'import torch as t; print(str(t.cuda.is_available() and t.cuda.is_bf16_supported()).lower())')}
+GRAD_CKPT=${GRAD_CKPT:-true}
+EVAL_STEPS=${EVAL_STEPS:-0.2}                       # evaluate (and save) every N steps; below 1: that share of all
+EVAL_SAMPLES=${EVAL_SAMPLES:-16}                    # dev samples generated for ROUGE at each evaluation; 0: loss only
+DS_CONFIG=${DS_CONFIG:-}                            # e.g. Baichuan-Finetune-QLora/ds_zero2.json (or _zero3, *_offload)
+NUM_GPUS=${NUM_GPUS:-1}
+
+LAUNCH="python"
+[ -n "$DS_CONFIG" ] && LAUNCH="torchrun --nproc_per_node $NUM_GPUS"
+$LAUNCH "$ROOT/Baichuan-Finetune-QLora/finetune.py" \
+  --model_path "$MODEL_PATH" --data "$DATA" --dev "$DEV" --output_dir "$OUTPUT_DIR" --template "$TEMPLATE" \
+  --max_length "$MAX_LENGTH" --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT" \
+  --lora_target "$LORA_TARGET" --num_train_epochs "$EPOCHS" --learning_rate "$LR" \
+  --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size "$BATCH" \
+  --gradient_accumulation_steps "$GRAD_ACCUM" --bf16 "$BF16" --gradient_checkpointing "$GRAD_CKPT" \
+  --lr_scheduler_type constant --warmup_steps 0.03 --max_grad_norm 0.3 --logging_steps 5 \
+  --eval_strategy steps --eval_steps "$EVAL_STEPS" --eval_samples "$EVAL_SAMPLES" \
+  --save_strategy steps --save_steps "$EVAL_STEPS" --save_total_limit 2 --report_to tensorboard \
+  ${DS_CONFIG:+--deepspeed "$DS_CONFIG"} "$@"

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Full-parameter SFT. Every variable below can be overridden from the environment, e.g.
+#   MODEL_PATH=/models/Baichuan2-7B-Base DATA=data/csl/train.json DEV=data/csl/dev.json \
+#     DS_CONFIG=Baichuan-Finetune/ds_zero3.json NUM_GPUS=8 bash Baichuan-Finetune/ds_finetune.sh
+# Extra arguments go to finetune.py (any transformers TrainingArguments flag).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+MODEL_PATH=${MODEL_PATH:-}                          # empty: the embedded default model
+DATA=${DATA:-$ROOT/data_examples/sft/train.jsonl}   # any supported format (prepare_data.py makes the seeds' tasks)
+DEV=${DEV-$ROOT/data_examples/sft/dev.jsonl}       # eval loss + ROUGE during training; empty: none
+OUTPUT_DIR=${OUTPUT_DIR:-output/full}               # model + checkpoints; reruns resume from here
+TEMPLATE=${TEMPLATE:-}                              # empty: the model's own
+MAX_LENGTH=${MAX_LENGTH:-512}
+EPOCHS=${EPOCHS:-3}
+LR=${LR:-2e-5}
+BATCH=${BATCH:-4}
+GRAD_ACCUM=${GRAD_ACCUM:-1}
+# bf16 mixed precision; default: true on a GPU that supports it, false elsewhere
+BF16=${BF16:-$(python -c 'import torch as t; print(str(t.cuda.is_available() and t.cuda.is_bf16_supported()).lower())')}
+GRAD_CKPT=${GRAD_CKPT:-true}                        # recompute activations in backward: less memory, ~30% slower
+EVAL_STEPS=${EVAL_STEPS:-0.2}                       # evaluate (and save) every N steps; below 1: that share of all
+EVAL_SAMPLES=${EVAL_SAMPLES:-16}                    # dev samples generated for ROUGE at each evaluation; 0: loss only
+DS_CONFIG=${DS_CONFIG:-}                            # e.g. Baichuan-Finetune/ds_zero3.json (or _zero2, *_offload)
+NUM_GPUS=${NUM_GPUS:-1}
+
+LAUNCH="python"
+[ -n "$DS_CONFIG" ] && LAUNCH="torchrun --nproc_per_node $NUM_GPUS"
+$LAUNCH "$ROOT/Baichuan-Finetune/finetune.py" \
+  --model_path "$MODEL_PATH" --data "$DATA" --dev "$DEV" --output_dir "$OUTPUT_DIR" --template "$TEMPLATE" \
+  --max_length "$MAX_LENGTH" --num_train_epochs "$EPOCHS" --learning_rate "$LR" \
+  --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size "$BATCH" \
+  --gradient_accumulation_steps "$GRAD_ACCUM" --bf16 "$BF16" --gradient_checkpointing "$GRAD_CKPT" \
+  --lr_scheduler_type cosine --warmup_steps 0.05 --logging_steps 5 \
+  --eval_strategy steps --eval_steps "$EVAL_STEPS" --eval_samples "$EVAL_SAMPLES" \
+  --save_strategy steps --save_steps "$EVAL_STEPS" --save_total_limit 2 --report_to tensorboard \
+  ${DS_CONFIG:+--deepspeed "$DS_CONFIG"} "$@"

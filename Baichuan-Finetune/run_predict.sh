@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Generate for a dev file with the fine-tuned model and print ROUGE; or fill a test file (submission mode).
+#   MODEL_PATH=output/full DATA=data/csl/dev.json bash Baichuan-Finetune/run_predict.sh
+#   DATA=data/csl/test.json SUBMIT=output/full/submit.json bash Baichuan-Finetune/run_predict.sh
+# A killed run resumes where it stopped. Extra arguments go to predict.py (--do_sample, --top_p, --interactive …).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+MODEL_PATH=${MODEL_PATH:-output/full}             # folder written by ds_finetune.sh
+DATA=${DATA:-$ROOT/data_examples/sft/dev.jsonl}
+OUTPUT_DIR=${OUTPUT_DIR:-$MODEL_PATH}             # predictions.jsonl + metrics.json
+SUBMIT=${SUBMIT:-}                                # submission mode: write DATA's records with outputs filled here
+BATCH=${BATCH:-8}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-}                # empty: the model's generation_config.json, else 256
+
+python "$ROOT/Baichuan-Finetune/predict.py" --model_path "$MODEL_PATH" --data "$DATA" --output_dir "$OUTPUT_DIR" \
+  --batch_size "$BATCH" ${MAX_NEW_TOKENS:+--max_new_tokens "$MAX_NEW_TOKENS"} ${SUBMIT:+--submit_file "$SUBMIT"} "$@"

@@ -1,0 +1,62 @@
+"""Evaluation during training holds one batch of logits: its peak memory does not grow with the dev set, even with a
+64k vocabulary, while the seeds' compute_metrics approach (logits gathered over the whole dev set) does."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+from novelkit.features import SFTCollator
+from novelkit.formats import load_samples
+from novelkit.features import encode_sft_dataset
+from novelkit.sft_training import DataArguments, SFTData, make_trainer
+from novelkit.templates import get_template
+
+VOCAB = 64_000
+LENGTH = 48  # every sample is cut to this many tokens, so every batch has the same shape
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_growth_mb(run) -> float:
+    """How far the resident set rose above its starting point while `run` ran (the peak, however brief)."""
+    CLEAR_REFS.write_text("5")  # resets VmHWM, the peak resident set, to the current size
+    start = kib("VmRSS")
+    run()
+    return (kib("VmHWM") - start) / 1024
+
+
+@pytest.mark.skipif(not CLEAR_REFS.exists(), reason="needs Linux /proc/self/clear_refs")
+def test_eval_memory_is_flat_in_the_dev_set_size(shared_data, default_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=256)).eval()
+    template = get_template("human_assistant")
+    samples = list(load_samples(shared_data / "csl" / "clge_val.tsv"))[:48]
+    rows = encode_sft_dataset(default_tokenizer, template, samples, LENGTH, "dev")
+    assert all(len(r["input_ids"]) == LENGTH for r in rows)
+    targs = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to="none",
+                              use_cpu=True)
+
+    def ours(n):
+        data = SFTData(train=rows[:n], dev=rows[:n], dev_samples=samples[:n])
+        args = DataArguments(eval_samples=0)  # the loss pass is where logits could pile up
+        trainer = make_trainer(model, default_tokenizer, template, targs, data, args)
+        return lambda: trainer.evaluate()
+
+    ours(8)()  # warm-up: first-call allocations
+    small, large = peak_growth_mb(ours(8)), peak_growth_mb(ours(48))
+    batch_logits_mb = 4 * LENGTH * VOCAB * 4 / 2**20  # 47 MB
+    assert large - small < batch_logits_mb, (small, large)
+
+    seeds = Trainer(model=model, args=targs, eval_dataset=rows, data_collator=SFTCollator(0),
+                    compute_metrics=lambda p: {"n": float(len(p.predictions))})
+    gathered = peak_growth_mb(seeds.evaluate)
+    assert gathered - small > 6 * batch_logits_mb, (small, gathered)  # the test does see logits pile up

@@ -1,0 +1,173 @@
+"""Prediction (novelkit.prediction and the predict.py entries) on the embedded default model and real CSL / MSRA data:
+a run killed with -9 resumes to the same file as an uninterrupted one, submission mode, interactive streaming."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from entry_scripts import run_script
+from novelkit.errors import ConfigError, DataError
+from novelkit.formats import Sample
+from novelkit.generation import generate_responses
+from novelkit.loading import write_base_fingerprint
+from novelkit.prediction import (PredictionLog, generation_settings, load_for_prediction, prediction_parser,
+                                 predict_file, read_data, score_responses)
+from novelkit.readers import iter_records
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL_PREDICT = ROOT / "Baichuan-Finetune" / "predict.py"
+QLORA_PREDICT = ROOT / "Baichuan-Finetune-QLora" / "predict.py"
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def csl_dev(shared_data, tmp_path_factory):
+    rows = [r.data for r, _ in zip(iter_records(shared_data / "csl" / "clge_val.tsv"), range(14))]
+    return write_jsonl(tmp_path_factory.mktemp("csl") / "dev.json",
+                       [{"instruction": "根据标题生成中文学位论文摘要：" + r["title"], "input": "", "output": r["text"][:80]}
+                        for r in rows])
+
+
+@pytest.fixture(scope="module")
+def loaded(default_model_dir):
+    args = prediction_parser("test").parse_args(["--only_cpu"])
+    return load_for_prediction(args)
+
+
+def args_for(*argv):
+    return prediction_parser("test").parse_args(["--only_cpu", *map(str, argv)])
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(loaded, csl_dev, tmp_path, default_model_dir):
+    model, tokenizer, template = loaded
+    flags = ["--data", csl_dev, "--batch_size", 3, "--max_new_tokens", 12]
+    whole = tmp_path / "whole"
+    predict_file(model, tokenizer, template, args_for(*flags, "--output_dir", whole))
+
+    # the same run in a separate process, killed with SIGKILL once some batches are on disk
+    broken = tmp_path / "broken"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(FULL_PREDICT), "--model_path", str(default_model_dir), "--only_cpu",
+                             *map(str, flags), "--output_dir", str(broken)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = broken / "predictions.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if target.exists() and len(target.read_text(encoding="utf-8").splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = target.read_text(encoding="utf-8")
+    assert 3 <= len(done.splitlines()) < 14
+    with target.open("a", encoding="utf-8") as f:  # and as if it died in the middle of writing a line
+        f.write('{"instruction": "根据标题生成中文学位论文摘要：半截')
+
+    metrics = predict_file(model, tokenizer, template, args_for(*flags, "--output_dir", broken))
+    assert metrics["generated"] == 14 - len(done.splitlines())  # only what was missing
+    assert target.read_text(encoding="utf-8") == (whole / "predictions.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines()]
+    assert [r["index"] for r in rows] == list(range(14))
+    first = json.loads((whole / "metrics.json").read_text())
+    assert {k: v for k, v in metrics.items() if k not in ("generated", "generation_seconds")} == \
+        {k: v for k, v in first.items() if k not in ("generated", "generation_seconds")}
+    for key in ("rouge-chinese/word", "rouge-chinese/char", "standard/word", "standard/char"):
+        assert set(first[key]) == {"rouge-1", "rouge-2", "rouge-l"}
+    assert first["table"].startswith("| metric | P | R | F |")
+
+
+def test_reconcile_checks_every_line(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input": f"问{i}", "label": f"答{i}"} for i in range(4)])
+    records = list(iter_records(data))
+    path = tmp_path / "predictions.jsonl"
+    log = PredictionLog(path, records)
+    log.append([log.row(2, "二"), log.row(0, "零")])
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(log.row(2, "again"), ensure_ascii=False) + "\n" + '{"input": "问')
+    again = PredictionLog(path, records)
+    assert {i: r["response"] for i, r in again.done.items()} == {2: "二", 0: "零"}  # duplicate and torn line dropped
+    assert path.read_text(encoding="utf-8").count("\n") == 2 and path.read_text(encoding="utf-8").endswith("\n")
+
+    other = write_jsonl(tmp_path / "other.jsonl", [{"input": f"别的{i}", "label": ""} for i in range(4)])
+    with pytest.raises(DataError, match=r"predictions.jsonl:1: does not match record 2 .*other data"):
+        PredictionLog(path, list(iter_records(other)))
+    path.write_text("not json\n" + json.dumps(log.row(1, "一"), ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"predictions.jsonl:1: not a JSON line"):
+        PredictionLog(path, records)
+
+
+def test_submission_mode(loaded, tmp_path, capsys):
+    model, tokenizer, template = loaded
+    test = write_jsonl(tmp_path / "test.json", [
+        {"instruction": "根据标题生成中文学位论文摘要：超立方体网络的连通度", "input": "", "output": ""},
+        {"instruction": "你现在是一个实体识别模型。", "input": "文本：郑振铎先生在北京。", "output": ""},
+        {"instruction": "根据提示写一段小说正文。", "input": "山寺小和尚每晚听见钟楼上有人吹笛", "output": ""},
+    ])
+    submit = tmp_path / "submit.json"
+    flags = ["--data", test, "--output_dir", tmp_path / "out", "--submit_file", submit, "--max_new_tokens", 6]
+    predict_file(model, tokenizer, template, args_for(*flags))
+    text = submit.read_text(encoding="utf-8")
+    assert "超立方体网络" in text  # ensure_ascii=False: Chinese as is
+    rows = [json.loads(line) for line in text.splitlines()]
+    originals = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines()]
+    assert [{**r, "output": ""} for r in rows] == originals  # order and fields kept
+    predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in rows] == [p["response"] for p in predictions]
+
+    with pytest.raises(ConfigError, match=r"submit.json already exists; pass --overwrite"):
+        predict_file(model, tokenizer, template, args_for(*flags))
+    submit.write_text("old")
+    metrics = predict_file(model, tokenizer, template, args_for(*flags, "--overwrite"))
+    assert metrics["generated"] == 0 and metrics["scored"] == 0  # nothing to redo, nothing to score against
+    assert submit.read_text(encoding="utf-8") == text
+
+
+def test_scores_add_entity_f1_for_ner_references(shared_data):
+    records, samples, fmt = read_data(shared_data / "msra_ner" / "eval.jsonl")
+    assert fmt == "instruct"
+    refs = [s.response for s in samples[:20]]
+    hyps = refs[:10] + ["没有"] * 10
+    scores = score_responses(hyps, refs)
+    gold_second_half = sum(len([x for x in r.splitlines() if x != "没有"]) for r in refs[10:])
+    assert scores["ner"]["precision"] == 1.0
+    assert scores["ner"]["recall"] == pytest.approx(1 - gold_second_half / scores["ner"]["gold"])
+    assert "ner" not in score_responses(["随便"], ["一段普通的摘要文字。"])
+
+
+def test_interactive_mode_streams_with_the_seed_flags(default_model_dir, loaded, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("山寺小和尚\n\n"))
+    code = run_script(QLORA_PREDICT, "--base_model", default_model_dir, "--tokenizer_path", default_model_dir,
+                      "--interactive", "--with_prompt", "--only_cpu", "--max_new_tokens", 10)
+    out = capsys.readouterr().out
+    assert code == 0
+    streamed = out.split("Response: ", 1)[1].split("Input: ", 1)[0].strip()
+    model, tokenizer, template = loaded
+    gen = generation_settings(model, args_for("--max_new_tokens", 10))
+    expected = generate_responses(model, tokenizer, template, [Sample("山寺小和尚", "")], progress=False, **gen)[0]
+    assert streamed == expected and streamed
+
+
+def test_adapter_for_another_base_is_a_one_line_error(tmp_path, default_model_dir, capsys):
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    get_peft_model(other, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "adapter")
+    write_base_fingerprint(tmp_path / "adapter", other.config)
+    code = run_script(QLORA_PREDICT, "--base_model", default_model_dir, "--lora_model", tmp_path / "adapter",
+                      "--data_file", tmp_path / "none.json", "--only_cpu")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"error: adapter {tmp_path / 'adapter'} was made for another base model")
