@@ -14,7 +14,9 @@ SUBMIT=${SUBMIT:-}                                # submission mode: write DATA'
 LOAD_IN_4BIT=${LOAD_IN_4BIT-1}                    # 1: the base in NF4, as it was trained; empty: full precision
 BATCH=${BATCH:-8}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-}                # empty: the model's generation_config.json, else 256
+RETRIEVAL_INDEX=${RETRIEVAL_INDEX:-}              # Baichuan-Embedding index: adds a 前情提要 block; empty: none
 
 python "$ROOT/Baichuan-Finetune-QLora/predict.py" --model_path "$MODEL_PATH" --lora_model "$LORA_MODEL" \
   --data "$DATA" --output_dir "$OUTPUT_DIR" --batch_size "$BATCH" ${LOAD_IN_4BIT:+--load_in_4bit} \
-  ${MAX_NEW_TOKENS:+--max_new_tokens "$MAX_NEW_TOKENS"} ${SUBMIT:+--submit_file "$SUBMIT"} "$@"
+  ${MAX_NEW_TOKENS:+--max_new_tokens "$MAX_NEW_TOKENS"} ${SUBMIT:+--submit_file "$SUBMIT"} \
+  ${RETRIEVAL_INDEX:+--retrieval_index "$RETRIEVAL_INDEX"} "$@"

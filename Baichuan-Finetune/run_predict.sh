@@ -12,6 +12,8 @@ OUTPUT_DIR=${OUTPUT_DIR:-$MODEL_PATH}             # predictions.jsonl + metrics.
 SUBMIT=${SUBMIT:-}                                # submission mode: write DATA's records with outputs filled here
 BATCH=${BATCH:-8}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-}                # empty: the model's generation_config.json, else 256
+RETRIEVAL_INDEX=${RETRIEVAL_INDEX:-}              # Baichuan-Embedding index: adds a 前情提要 block; empty: none
 
 python "$ROOT/Baichuan-Finetune/predict.py" --model_path "$MODEL_PATH" --data "$DATA" --output_dir "$OUTPUT_DIR" \
-  --batch_size "$BATCH" ${MAX_NEW_TOKENS:+--max_new_tokens "$MAX_NEW_TOKENS"} ${SUBMIT:+--submit_file "$SUBMIT"} "$@"
+  --batch_size "$BATCH" ${MAX_NEW_TOKENS:+--max_new_tokens "$MAX_NEW_TOKENS"} ${SUBMIT:+--submit_file "$SUBMIT"} \
+  ${RETRIEVAL_INDEX:+--retrieval_index "$RETRIEVAL_INDEX"} "$@"

@@ -35,6 +35,10 @@ def parse_args():
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--repetition_penalty", type=float, default=None)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--retrieval_index", default="", help="Baichuan-Embedding index holding this book: put a 前情提要 "
+                                                         "block of related earlier passages before each context")
+    p.add_argument("--retrieval_k", type=int, default=4)
+    p.add_argument("--retrieval_tokens", type=int, default=512)
     return p.parse_args()
 
 
@@ -72,6 +76,14 @@ def main():
     # 2. continuations: context before each point, generated text vs the true next tokens
     points = continuation_points(len(ids), args.context_tokens, args.new_tokens, args.positions)
     samples = [Sample(prompt=tokenizer.decode(ids[p - args.context_tokens:p]), response="") for p in points]
+    if args.retrieval_index:  # only passages of this book that end before the context starts
+        from novelkit.retrieval import Retriever, recap_for
+
+        retriever = Retriever(args.retrieval_index)
+        samples = [Sample(prompt=recap_for(retriever, s.prompt, tokenizer, k=args.retrieval_k,
+                                           token_budget=args.retrieval_tokens, book=Path(args.book).stem,
+                                           before=len(tokenizer.decode(ids[:p - args.context_tokens]))) + s.prompt,
+                          response="") for p, s in zip(points, samples)]
     references = [tokenizer.decode(ids[p:p + args.new_tokens]) for p in points]
     gen = generation_kwargs(model, max_new_tokens=args.new_tokens, repetition_penalty=args.repetition_penalty)
     gen.update(min_new_tokens=args.new_tokens)  # compare equal lengths: do not stop at an EOS
@@ -81,7 +93,7 @@ def main():
             metrics[f"{definition}/{level}"] = corpus_rouge(generated, references, level=level, definition=definition)
     metrics["repetition"] = {"generated": repetition(generated), "reference": repetition(references)}
     metrics["continuations"] = {"positions": len(points), "context_tokens": args.context_tokens,
-                                "new_tokens": args.new_tokens, **gen}
+                                "new_tokens": args.new_tokens, "retrieval_index": args.retrieval_index or None, **gen}
 
     out = Path(args.output_dir)
     write_jsonl_atomic(out / "continuations.jsonl", [

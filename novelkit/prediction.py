@@ -67,6 +67,10 @@ def prediction_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--interactive", action="store_true", help="type prompts, see responses stream")
     p.add_argument("--with_prompt", action="store_true", help="interactive: wrap what you type in the chat "
                                                               "template (else the model continues the raw text)")
+    p.add_argument("--retrieval_index", default="", help="Baichuan-Embedding index: put a 前情提要 block of related "
+                                                         "earlier passages before each prompt; empty = none")
+    p.add_argument("--retrieval_k", type=int, default=4, help="passages retrieved per sample")
+    p.add_argument("--retrieval_tokens", type=int, default=512, help="token budget of the 前情提要 block")
     return p
 
 
@@ -211,6 +215,13 @@ def predict_file(model, tokenizer, template, args, records=None, samples=None, f
     `records`/`samples` default to the --data file's; a caller may pass them (e.g. with prompts augmented)."""
     if records is None:
         records, samples, fmt = read_data(args.data, args.format)
+    if args.retrieval_index:  # a record's `book` and `position` fields keep later passages out
+        from .retrieval import Retriever, add_recaps
+
+        samples = add_recaps(samples, records, Retriever(args.retrieval_index), tokenizer, k=args.retrieval_k,
+                             token_budget=args.retrieval_tokens)
+        print(f"[predict] 前情提要 from {args.retrieval_index}: {args.retrieval_k} passages, "
+              f"at most {args.retrieval_tokens} tokens", flush=True)
     out_dir = Path(args.output_dir or args.lora_model or "output/predict")
     predictions = Path(args.predictions_file) if args.predictions_file else out_dir / "predictions.jsonl"
     field = check_submission(args.submit_file, fmt, args.overwrite) if args.submit_file else None
