@@ -36,7 +36,8 @@ class ScriptArguments:
     clean_patterns: str = field(default="", metadata={"help": "file of extra boilerplate regexes, one per line"})
     min_book_chars: int = 200
     cache_dir: str = field(default="", metadata={"help": "token cache; default <output_dir>/../token_cache"})
-    num_proc: int = field(default=0, metadata={"help": "tokenizer processes; 0 = one per CPU core (max 8)"})
+    num_proc: int = field(default=0, metadata={"help": "tokenizer processes; 0 = one per core (max 8) for a "
+                                                             "corpus over 32 MB, else 1"})
 
 
 class PretrainTrainer(Trainer):

@@ -34,6 +34,7 @@ DEFAULT_BOILERPLATE = [
     r"首发域名\S*", r"请记住本书\S*", r"天才一秒记住\S*", r"笔趣阁", r"求月票", r"求推荐票", r"求收藏",
     r"加入书签", r"[（(]?未完待续[）)]?",
 ]
+PARALLEL_MIN_BYTES = 32 << 20
 _HAS_CONTENT = re.compile(r"[\w\u4e00-\u9fff]")
 
 
@@ -234,7 +235,9 @@ def build_token_cache(corpus, tokenizer_dir, cache_dir, rules: CleaningRules | N
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
     cleaner = CorpusCleaner(rules)
     counts, books = {"train": 0, "eval": 0}, {"train": [], "eval": []}
-    num_proc = max(1, num_proc or min(8, os.cpu_count() or 1))
+    if num_proc is None:  # worker processes take seconds to start: only worth it for a large corpus
+        big = sum(f.stat().st_size for f in corpus_files(corpus)) > PARALLEL_MIN_BYTES
+        num_proc = min(8, os.cpu_count() or 1) if big else 1
     files = {split: open(tmp / f"{split}.bin", "wb") for split in counts}
     try:
         documents = ((b.name, cleaner.clean(b)) for b in iter_corpus_books(corpus, cleaner.report))
