@@ -2,7 +2,7 @@
 
 Built once, on first use, from the bundled corpus in `data_examples/novels`: a SentencePiece tokenizer laid out like
 Baichuan 2's (BPE, byte fallback, no dummy prefix, digits split, the chat markers as single pieces) and a tiny
-Baichuan2-architecture model (RoPE, NormHead, 1.8M parameters) pretrained on that corpus for about a minute, so it
+Baichuan2-architecture model (RoPE, NormHead, 1.8M parameters) pretrained on that corpus for ~30 s, so it
 writes Chinese-looking text rather than noise. It lands in `$NOVELKIT_HOME/default-model-<hash>` (default
 `~/.cache/novelkit`); the hash covers the corpus and this recipe, so editing either builds a fresh one. Delete the
 folder to rebuild.
@@ -27,7 +27,7 @@ VOCAB_SIZE = 4000
 CHAT_MARKERS = ["<reserved_102>", "<reserved_103>", "<reserved_106>", "<reserved_107>"]
 MODEL_SHAPE = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                    max_position_embeddings=2048, model_max_length=2048)
-PRETRAIN = dict(block_size=256, steps=300, batch_size=8, learning_rate=3e-3)
+PRETRAIN = dict(block_size=256, steps=100, batch_size=8, learning_rate=3e-3)
 
 
 def cache_home() -> Path:
