@@ -23,12 +23,10 @@ def generation_kwargs(model, max_new_tokens=None, do_sample=None, temperature=No
 
 
 @torch.inference_mode()
-def generate_responses(model, tokenizer, template, samples, *, batch_size=8, max_prompt_tokens=None, progress=True,
+def generate_responses(model, tokenizer, template, samples, *, batch_size=8, progress=True,
                        **gen_kwargs) -> list[str]:
     """One response per sample (decoded, special tokens dropped), in the order of `samples`."""
     prompts = [encode_prompt(tokenizer, template, s) for s in samples]
-    if max_prompt_tokens:
-        prompts = [p[-max_prompt_tokens:] for p in prompts]  # keep the end: it holds the assistant marker
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     stops = stop_token_ids(tokenizer, template)
     device = next(model.parameters()).device
