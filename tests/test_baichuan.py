@@ -6,7 +6,6 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaForCausalLM
 
 from novelkit.baichuan import (
@@ -20,25 +19,12 @@ from novelkit.baichuan import (
     tiny_config,
 )
 from novelkit.baichuan.convert_to_llama import convert_to_llama, main as convert_main
-from novelkit.baichuan.modeling_baichuan import BaichuanRMSNorm, NormHead
+from novelkit.baichuan.modeling_baichuan import NormHead
 from novelkit.errors import ModelError
+from tiny_baichuan import random_model
 
 FIXTURES = ["baichuan1-7b", "baichuan2-7b"]
 ATOL = 1e-4
-
-
-def random_model(variant, seed=0, **overrides):
-    """Tiny model of `variant` with weights drawn like the fixtures' (std 0.15), so positions and heads matter."""
-    torch.manual_seed(seed)
-    model = BaichuanForCausalLM(tiny_config(variant, **overrides))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, BaichuanRMSNorm):
-                module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=generator))
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.copy_(0.15 * torch.randn(module.weight.shape, generator=generator))
-    return model.eval()
 
 
 def left_padded_batch(lengths, total, seed=0):

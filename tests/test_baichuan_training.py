@@ -6,22 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from novelkit.baichuan import VARIANTS, BaichuanForCausalLM, load_baichuan, tiny_config
-from novelkit.baichuan.modeling_baichuan import BaichuanDecoderLayer, BaichuanRMSNorm, NormHead
-
-
-def random_model(variant, seed=0, **overrides):
-    """Tiny model of `variant` with weights drawn like the reference fixtures' (std 0.15)."""
-    torch.manual_seed(seed)
-    model = BaichuanForCausalLM(tiny_config(variant, **overrides))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, BaichuanRMSNorm):
-                module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=generator))
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.copy_(0.15 * torch.randn(module.weight.shape, generator=generator))
-    return model
+from novelkit.baichuan import VARIANTS, load_baichuan
+from novelkit.baichuan.modeling_baichuan import BaichuanDecoderLayer, NormHead
+from tiny_baichuan import random_model
 
 
 def training_batch(seed=0):
