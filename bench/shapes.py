@@ -1,0 +1,93 @@
+"""Random-initialised models of real shapes for the GPU benchmarks (no weights can be downloaded).
+
+    build_model("baichuan2-7b", device="cuda", dtype=torch.bfloat16)        # BaichuanForCausalLM, 7.5 B parameters
+    build_model("qwen2-1.5b", device="cuda", num_hidden_layers=4)           # any config field can be overridden
+    python bench/shapes.py baichuan2-7b /tmp/b7 [--layers N]                # a from_pretrained folder (+ tokenizer)
+
+Weights are drawn on the target device, so a 7B model is ready in seconds. The Baichuan 2 shapes are the published
+configs (Baichuan-Analysis/configs); Qwen2-1.5B is written out below from its published config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QWEN2_1_5B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 1536,
+    "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+    "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151643, "initializer_range": 0.02,
+    "use_sliding_window": False,
+}
+SHAPES = ("baichuan2-7b", "baichuan2-13b", "qwen2-1.5b")
+
+
+def model_config(shape: str, **overrides):
+    if shape == "qwen2-1.5b":
+        from transformers import Qwen2Config
+
+        return Qwen2Config(**{**QWEN2_1_5B, **overrides})
+    if shape in ("baichuan2-7b", "baichuan2-13b"):
+        from novelkit.baichuan import BaichuanConfig
+
+        fields = json.loads((ROOT / "Baichuan-Analysis" / "configs" / f"{shape}.json").read_text())
+        return BaichuanConfig(**{**fields, **overrides})
+    raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+
+
+def build_model(shape: str, device="cuda", dtype=torch.bfloat16, seed: int = 0, **overrides):
+    """A randomly initialised causal LM of `shape` (initializer_range normal weights), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from novelkit.baichuan import BaichuanForCausalLM, register
+
+    register()
+    config = model_config(shape, **overrides)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if config.model_type == "baichuan":
+                model = BaichuanForCausalLM(config)
+            else:
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype).eval()
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shape", choices=SHAPES)
+    parser.add_argument("out")
+    parser.add_argument("--layers", type=int, default=0, help="num_hidden_layers (0: the shape's own)")
+    parser.add_argument("--tokenizer", default="", help="tokenizer folder copied beside the weights")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    model = build_model(args.shape, device=args.device, **overrides)
+    model.save_pretrained(args.out)
+    if args.tokenizer:
+        for f in Path(args.tokenizer).iterdir():
+            if f.is_file():
+                shutil.copy(f, Path(args.out) / f.name)
+    print(f"{args.shape}: {parameter_count(model) / 1e9:.2f} B parameters saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
