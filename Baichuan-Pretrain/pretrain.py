@@ -15,9 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared packa
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
 from novelkit.errors import ConfigError, exit_on_error
+from novelkit.fast_training import prepare_fast_training
 from novelkit.loading import load_model, load_tokenizer, max_positions, resolve_model_path
 from novelkit.pretraining import (CleaningRules, build_token_cache, iter_corpus_books, load_patterns,
                                   train_eval_blocks)
@@ -113,9 +115,12 @@ def main():
     if dev is None:
         targs.eval_strategy = "no"
 
-    # 3. train, resuming from the last checkpoint (same data order: the Trainer replays the sampler's seed)
+    # 3. train, resuming from the last checkpoint (same data order: the Trainer replays the sampler's seed); on a GPU
+    #    with the fast path: loss without whole logits, compiled decoder layers (novelkit/fast_training.py)
     if targs.gradient_checkpointing:
         model.config.use_cache = False
+    if not is_deepspeed_zero3_enabled():
+        prepare_fast_training(model, compile=False if targs.deepspeed else None, tag="pretrain")
     trainer = PretrainTrainer(model=model, args=targs, train_dataset=train, eval_dataset=dev,
                               processing_class=tokenizer, compute_metrics=token_accuracy,
                               preprocess_logits_for_metrics=argmax_logits)

@@ -11,11 +11,16 @@ from pathlib import Path
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from .errors import DataError
+import torch
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from .errors import ConfigError, DataError
+from .fast_training import prepare_fast_training
 from .features import SFTCollator, encode_sft_dataset
 from .formats import Sample, load_samples
 from .generation_eval import GenerationEvalTrainer, GenerationEvaluator
 from .loading import write_base_fingerprint
+from .packing import PackedCollator, pack_rows
 
 
 @dataclass
@@ -29,6 +34,20 @@ class DataArguments:
     eval_samples: int = field(default=16, metadata={"help": "dev samples generated for ROUGE at each evaluation; "
                                                             "0 = eval loss only"})
     eval_max_new_tokens: int = field(default=128, metadata={"help": "token limit of those generations"})
+    packing: str = field(default="auto", metadata={"help": "pack several samples into each row of max_length tokens "
+                                                           "(attention stays within each sample): true, false, or "
+                                                           "auto = on a GPU"})
+    compile_layers: str = field(default="auto", metadata={"help": "torch.compile each decoder layer: true, false, "
+                                                                  "or auto = on a GPU without DeepSpeed"})
+    checkpoint_layers: int = field(default=-1, metadata={"help": "with --gradient_checkpointing, checkpoint only the "
+                                                                 "first N decoder layers (-1: all)"})
+
+
+def _switch(value: str, auto: bool) -> bool:
+    value = str(value).lower()
+    if value not in ("auto", "true", "false", "1", "0", "yes", "no"):
+        raise ConfigError(f"expected true, false or auto, got {value!r}")
+    return auto if value == "auto" else value in ("true", "1", "yes")
 
 
 @dataclass
@@ -47,9 +66,10 @@ def parse_args(*groups):
 
 @dataclass
 class SFTData:
-    train: list[dict]
+    train: list[dict]  # encoded; packed rows (with position_ids) when packing is on
     dev: list[dict] | None  # encoded, for the eval loss
     dev_samples: list[Sample]  # as text, for generation
+    packed: bool = False
 
 
 def load_sft_data(tokenizer, template, args: DataArguments) -> SFTData:
@@ -60,9 +80,15 @@ def load_sft_data(tokenizer, template, args: DataArguments) -> SFTData:
     if dev and dev.format != train.format:
         raise DataError(args.dev, None, f"dev file is in format '{dev.format}' but the training file {args.data} is "
                                         f"in '{train.format}'; convert one so both are in the same format")
-    return SFTData(train=encode_sft_dataset(tokenizer, template, train, args.max_length, "training"),
+    rows = encode_sft_dataset(tokenizer, template, train, args.max_length, "training")
+    packed = _switch(args.packing, auto=torch.cuda.is_available())
+    if packed:
+        count = len(rows)
+        rows = pack_rows(rows, args.max_length)
+        print(f"packing: {count} samples in {len(rows)} rows of up to {args.max_length} tokens", flush=True)
+    return SFTData(train=rows,
                    dev=encode_sft_dataset(tokenizer, template, dev, args.max_length, "dev") if dev else None,
-                   dev_samples=list(dev))
+                   dev_samples=list(dev), packed=packed)
 
 
 def lora_targets(spec: str, model) -> list[str] | str:
@@ -81,13 +107,18 @@ def make_trainer(model, tokenizer, template, targs: TrainingArguments, data: SFT
     eval_samples > 0, ROUGE of generated responses, all logged to TensorBoard."""
     if data.dev is None:
         targs.eval_strategy = IntervalStrategy.NO
+    if not is_deepspeed_zero3_enabled():  # ZeRO-3 shards the head: its loss keeps the plain path
+        compile_auto = torch.cuda.is_available() and not targs.deepspeed
+        prepare_fast_training(model, compile=_switch(args.compile_layers, auto=compile_auto),
+                              checkpoint_layers=args.checkpoint_layers if targs.gradient_checkpointing else -1)
+    collator = PackedCollator(tokenizer.pad_token_id) if data.packed else SFTCollator(tokenizer.pad_token_id)
     evaluator = None
     if data.dev is not None and args.eval_samples > 0:
         evaluator = GenerationEvaluator(tokenizer, template, data.dev_samples, count=args.eval_samples,
                                         max_new_tokens=args.eval_max_new_tokens,
                                         batch_size=targs.per_device_eval_batch_size)
     return GenerationEvalTrainer(model=model, args=targs, train_dataset=data.train, eval_dataset=data.dev,
-                                 data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                                 data_collator=collator, processing_class=tokenizer,
                                  evaluator=evaluator)
 
 

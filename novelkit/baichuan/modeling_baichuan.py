@@ -9,7 +9,9 @@ Same weights, names and outputs as the original modelling files (written for tra
 
 Beyond the original: batched left padding for every variant (RoPE positions counted from the attention mask, ALiBi
 distances between real tokens; Baichuan-13B's code ignored the mask), the transformers Cache API (DynamicCache),
-gradient checkpointing, and torch's scaled_dot_product_attention in every mode.
+gradient checkpointing (of all layers or of some), torch's scaled_dot_product_attention in every mode, packed
+sequences (several samples in one row, told apart by position_ids restarting at 0, attending only within themselves),
+and an opt-in chunked loss that never makes the training logits (`chunked_loss = True`, see novelkit.chunked_loss).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ..chunked_loss import is_partitioned, linear_cross_entropy
 from .configuration_baichuan import BaichuanConfig
 
 ROPE_BASE = 10000.0
@@ -103,6 +106,39 @@ def attention_allowed(attention_mask, query_length, past_length, device):
     return allowed | (key_index == query_index)
 
 
+def packed_sequence_starts(position_ids):
+    """For packed rows (several samples per row, each with positions 0, 1, …): True where a sample starts."""
+    return position_ids == 0
+
+
+def packed_allowed(position_ids):
+    """Boolean mask (batch, 1, seq, seq): causal and within the same sample of a packed row."""
+    sample = packed_sequence_starts(position_ids).long().cumsum(-1)
+    same = sample[:, :, None] == sample[:, None, :]
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    return (same & causal)[:, None]
+
+
+def varlen_attention():
+    """torch's variable-length flash attention (CUDA, torch >= 2.9), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def packed_cu_seqlens(position_ids):
+    """Cumulative sample lengths over the flattened (batch × seq) tokens, int32, and the longest sample."""
+    starts = packed_sequence_starts(position_ids).reshape(-1)
+    starts[0] = True
+    edges = torch.nonzero(starts).reshape(-1)
+    total = torch.tensor([position_ids.numel()], device=position_ids.device)
+    cu_seqlens = torch.cat([edges, total]).to(torch.int32)
+    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
 def alibi_bias(allowed, num_heads, dtype):
     """ALiBi as an additive float mask (batch or 1, heads, query, key): -slope * distance, the dtype's minimum where
     `allowed` is False.
@@ -136,12 +172,18 @@ class BaichuanAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, hidden_states, mask, cos, sin, past_key_values):
-        """`mask`: None (causal, no padding), boolean (True = may attend) or float (ALiBi bias, added to the scores)."""
+        """`mask`: None (causal, no padding), boolean (True = may attend), float (ALiBi bias, added to the scores), or
+        a (cu_seqlens, longest) pair for packed rows on the GPU (variable-length flash attention)."""
         batch_size, query_length, _ = hidden_states.shape
         qkv = self.W_pack(hidden_states).view(batch_size, query_length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, seq, head_dim)
         if cos is not None:
             query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        if isinstance(mask, tuple):
+            cu_seqlens, longest = mask
+            flat = [t.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim) for t in (query, key, value)]
+            output = varlen_causal_attention(*flat, cu_seqlens, longest)
+            return self.o_proj(output.reshape(batch_size, query_length, -1))
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         with sdpa_kernel(SDPA_BACKENDS):
@@ -150,6 +192,16 @@ class BaichuanAttention(nn.Module):
                 query, key, value, attn_mask=mask, is_causal=mask is None and query_length > 1
             )
         return self.o_proj(output.transpose(1, 2).reshape(batch_size, query_length, -1))
+
+
+def varlen_causal_attention(query, key, value, cu_seqlens, longest):
+    """(tokens, heads, head_dim) inputs of packed samples; causal within each sample. torch renamed the causal flag
+    between versions (is_causal, then window_size=(-1, 0))."""
+    varlen_attn = varlen_attention()
+    try:
+        return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, longest, longest, is_causal=True)
+    except TypeError:
+        return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, longest, longest, window_size=(-1, 0))
 
 
 class BaichuanMLP(nn.Module):
@@ -272,16 +324,26 @@ class BaichuanModel(BaichuanPreTrainedModel):
                 f"{query_length}"
             )
 
+        packed = (position_ids is not None and attention_mask is None and past_length == 0 and query_length > 1
+                  and bool(packed_sequence_starts(position_ids[:, 1:]).any()))
         if self.config.use_alibi:
             cos = sin = None
-            allowed = attention_allowed(attention_mask, query_length, past_length, device)
+            if packed:
+                # distances inside each sample come from its own positions (rows are contiguous per sample)
+                allowed = packed_allowed(position_ids)
+            else:
+                allowed = attention_allowed(attention_mask, query_length, past_length, device)
             mask = alibi_bias(allowed, self.config.num_attention_heads, inputs_embeds.dtype)
         else:
             if position_ids is None:
                 position_ids = positions_from_mask(attention_mask, past_length, query_length, device)
             cos, sin = rotary_cos_sin(position_ids, self.config.hidden_size // self.config.num_attention_heads)
             has_padding = attention_mask is not None and not bool(attention_mask.all())
-            if has_padding or (past_length > 0 and query_length > 1):
+            if packed:
+                use_varlen = (inputs_embeds.is_cuda and inputs_embeds.dtype in (torch.float16, torch.bfloat16)
+                              and varlen_attention() is not None)
+                mask = packed_cu_seqlens(position_ids) if use_varlen else packed_allowed(position_ids)
+            elif has_padding or (past_length > 0 and query_length > 1):
                 mask = attention_allowed(attention_mask, query_length, past_length, device)
             else:
                 mask = None  # plain causal (or a single new token that sees everything)
@@ -291,7 +353,8 @@ class BaichuanModel(BaichuanPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            if self.gradient_checkpointing and self.training:
+            # a layer's own flag (novelkit.fast_training.checkpoint_some_layers) leaves some layers out
+            if self.gradient_checkpointing and self.training and getattr(layer, "gradient_checkpointing", True):
                 hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states, mask, cos, sin, None)
             else:
                 hidden_states = layer(hidden_states, mask, cos, sin, past_key_values)
@@ -312,6 +375,8 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
     # The loss is a per-batch mean (cross-entropy + z-loss, as the original), so Trainer must average it over
     # gradient-accumulation steps itself rather than pass `num_items_in_batch`.
     accepts_loss_kwargs = False
+    # True: in training with labels, the loss comes from the hidden states chunk by chunk and no logits are returned.
+    chunked_loss = False
 
     def __init__(self, config: BaichuanConfig):
         super().__init__(config)
@@ -368,6 +433,15 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
+        if (labels is not None and self.chunked_loss and self.training and torch.is_grad_enabled()
+                and not is_partitioned(self.lm_head.weight)):  # ZeRO-3 gathers the head only inside its own call
+            weight = self.lm_head.weight
+            if isinstance(self.lm_head, NormHead):
+                weight = F.normalize(weight, dim=-1)
+            loss = linear_cross_entropy(hidden_states[:, :-1], weight, labels[:, 1:],
+                                        z_loss_weight=getattr(self.config, "z_loss_weight", None) or 0.0)
+            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                          hidden_states=outputs.hidden_states)
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)

@@ -1,0 +1,298 @@
+"""Training throughput on one GPU: the naive HF + PEFT loop against our recipes' training step, side by side.
+
+    python bench/train_throughput.py                       # the default set (docs/performance.md)
+    python bench/train_throughput.py lora-7b:naive:2048 lora-7b:ours:2048:mb1   # chosen runs
+    python bench/train_throughput.py --steps 20 --out results.jsonl
+
+A run is WORKLOAD:LOOP:SEQ[:PLAN]; each runs in its own process (clean memory, fresh compile caches):
+- WORKLOAD: lora-7b (LoRA r=8, all linear layers, Baichuan2-7B shape), qlora-7b (the same over NF4 weights),
+  full-1.5b (all weights, Qwen2-1.5B shape); weights random (bench/shapes.py), tokens random, bf16.
+- LOOP: naive = model(**batch).loss, backward, AdamW step, with HF gradient checkpointing on every layer (what the
+  HF docs and the seeds do); ours = novelkit.fast_training (chunked loss, compiled decoder layers, checkpointing of
+  only the layers PLAN says) with the global batch split into micro-batches, and fused AdamW (the Trainer's default).
+- SEQ: tokens per row; the global batch is 4 rows (1 for qlora-7b).
+- PLAN (ours): comma-separated mbN (rows per micro-batch, default all), gcN (checkpoint the first N layers; default
+  none), nocompile.
+- mix: WORKLOAD:naive-mix / ours-mix: real CSL title-generation lengths (bench/csl_lengths.json): naive pads each
+  batch of 4 samples to its longest; ours packs samples into rows of SEQ tokens. Effective (non-padding) tokens/s.
+
+Every run does --steps optimizer steps on the same data (seed 0) and records each step's loss, so runs compare
+numerically too. Throughput is over the steps after the first --warmup; peak memory is the CUDA allocator's peak over
+the whole run after the weights are built. MFU = 6 × parameters × tokens/s / 790 TFLOP/s (the H200's measured bf16
+matmul rate; 6N also for LoRA, as the issue's baseline does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+PEAK_FLOPS = 790e12
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only for a quick check of the code (--tiny)
+TINY = {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 4096}
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
+SHAPES = {"lora-7b": "baichuan2-7b", "qlora-7b": "baichuan2-7b", "full-1.5b": "qwen2-1.5b"}
+DEFAULT_RUNS = [
+    "lora-7b:naive:2048", "lora-7b:ours:2048:mb1,gc4",
+    "lora-7b:naive:4096", "lora-7b:ours:4096:mb1,gc16",
+    "full-1.5b:naive:2048", "full-1.5b:ours:2048:mb2",
+    "full-1.5b:naive:4096", "full-1.5b:ours:4096:mb1",
+    "qlora-7b:naive:2048", "qlora-7b:ours:2048:gc32",
+    "lora-7b:naive-mix:2048", "lora-7b:ours-mix:2048:mb1,gc4",
+]
+
+
+def parse_plan(text: str) -> dict:
+    plan = {"mb": 0, "gc": 0, "compile": True}
+    for item in filter(None, text.split(",")):
+        if item == "nocompile":
+            plan["compile"] = False
+        elif item.startswith("mb"):
+            plan["mb"] = int(item[2:])
+        elif item.startswith("gc"):
+            plan["gc"] = int(item[2:])
+        else:
+            raise SystemExit(f"unknown plan item {item!r}")
+    return plan
+
+
+def quantize_nf4(model):
+    """Replace every decoder linear layer by a bitsandbytes NF4 layer (double quantisation, bf16 compute), as QLoRA
+    loading does; embeddings and lm_head stay in bf16."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and "lm_head" not in f"{name}.{child_name}":
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
+                                          device="meta")
+                layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True)
+                layer.weight = layer.weight.to(child.weight.device)  # quantises
+                setattr(module, child_name, layer)
+                del child
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return model
+
+
+def build(workload: str, loop: str, plan: dict, overrides: dict):
+    from peft import LoraConfig, get_peft_model
+    from shapes import build_model
+
+    from novelkit.fast_training import checkpoint_some_layers, compile_layers, use_chunked_loss
+
+    if SHAPES[workload] != "qwen2-1.5b":
+        overrides = {k: v for k, v in overrides.items() if k != "num_key_value_heads"}
+    model = build_model(SHAPES[workload], device=DEVICE, dtype=torch.bfloat16, **overrides)
+    params = sum(p.numel() for p in model.parameters())
+    naive = loop.startswith("naive")
+    if workload == "qlora-7b":
+        quantize_nf4(model)
+        if naive:  # the usual QLoRA preparation: everything not quantised goes to float32
+            from peft import prepare_model_for_kbit_training
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        else:
+            from novelkit.quantization import prepare_4bit_for_training
+            prepare_4bit_for_training(model, gradient_checkpointing=plan["gc"] != 0)
+    checkpoint = naive or plan["gc"] != 0
+    if checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if workload != "full-1.5b":
+            model.enable_input_require_grads()
+    if workload != "full-1.5b":
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    on = {}
+    if not naive:
+        if plan["gc"]:
+            checkpoint_some_layers(model, plan["gc"])
+        on["chunked_loss"] = use_chunked_loss(model)
+        on["compiled"] = compile_layers(model) if plan["compile"] else False
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5 if workload == "full-1.5b" else 1e-4,
+                                  fused=None if naive else True)
+    return model, optimizer, params, on
+
+
+def fixed_batches(steps, rows, seq, vocab):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, vocab, (rows, seq), generator=g) for _ in range(steps)]
+
+
+def mixed_batches(steps, rows, seq, vocab, packed: bool):
+    """CSL title→abstract sample lengths (Baichuan 2 tokenizer and template), prompt tokens masked, random tokens.
+    Ours: samples packed into `rows` rows of at most `seq` tokens (novelkit.packing). Naive: the very same samples
+    per step, as one batch padded to its longest sample (SFTCollator), so both see the same data per step."""
+    from novelkit.features import SFTCollator
+    from novelkit.packing import PackedCollator, pack_rows
+
+    lengths = json.loads((ROOT / "bench" / "csl_lengths.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    pool = []
+    for i in range(steps * rows * seq // 150):
+        prompt, response = lengths[i % len(lengths)]
+        ids = torch.randint(3, vocab, (prompt + response,), generator=g).tolist()
+        pool.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    packed_rows = pack_rows(pool, seq)[:steps * rows]
+    batches = []
+    for step in range(len(packed_rows) // rows):
+        step_rows = packed_rows[step * rows:(step + 1) * rows]
+        if packed:
+            batches.append(PackedCollator(pad_token_id=0)(step_rows))
+            continue
+        samples = []
+        for row in step_rows:  # cut each row back into its samples at the position resets
+            starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+            samples += [{"input_ids": row["input_ids"][a:b], "labels": row["labels"][a:b]}
+                        for a, b in zip(starts, starts[1:])]
+        batch = SFTCollator(pad_token_id=0)(samples)
+        batches.append({"input_ids": batch["input_ids"], "labels": batch["labels"],
+                        "attention_mask": batch["attention_mask"]})
+    return batches
+
+
+def pad_tokens(batch) -> int:
+    """Padding in a packed batch (token id 0 is only padding here: the random ids start at 3)."""
+    ids = batch["input_ids"]
+    return int((ids == 0).sum())
+
+
+def run_one(spec: str, steps: int, warmup: int, overrides: dict) -> dict:
+    parts = spec.split(":")
+    workload, loop, seq = parts[0], parts[1], int(parts[2])
+    plan = parse_plan(parts[3] if len(parts) > 3 else "")
+    torch.manual_seed(0)
+    model, optimizer, params, on = build(workload, loop, plan, overrides)
+    vocab = model.config.vocab_size if hasattr(model, "config") else 32000
+    rows = 1 if workload == "qlora-7b" else 4
+    if loop.endswith("-mix"):
+        batches = mixed_batches(steps, rows, seq, vocab, packed=loop.startswith("ours"))
+        steps = min(steps, len(batches))
+    else:
+        batches = [{"input_ids": x, "labels": x} for x in fixed_batches(steps, rows, seq, vocab)]
+    sync()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    micro = plan["mb"] if loop.startswith("ours") and plan["mb"] else None
+    losses, times, real_tokens, slots = [], [], 0, 0
+    for step, batch in enumerate(batches[:steps]):
+        batch = {k: v.to(DEVICE, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        sync()
+        start = time.perf_counter()
+        n = batch["input_ids"].shape[0]
+        parts_ = [slice(i, i + micro) for i in range(0, n, micro)] if micro else [slice(0, n)]
+        total = torch.zeros((), device=DEVICE)
+        for part in parts_:
+            sub = {k: v[part] for k, v in batch.items()}
+            loss = model(**sub, use_cache=False).loss
+            (loss / len(parts_)).backward()
+            total += loss.detach() / len(parts_)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - start)
+        losses.append(total.item())
+        if step >= warmup:
+            labels = batch["labels"]
+            if loop.endswith("-mix"):  # every sample token, prompt included, as a padding-free run would process
+                real_tokens += int((batch["position_ids"] >= 0).sum()) - int(pad_tokens(batch)) \
+                    if "position_ids" in batch else int(batch["attention_mask"].sum())
+            else:
+                real_tokens += labels.numel()
+            slots += labels.numel()
+    timed = sum(times[warmup:])
+    result = {
+        "run": spec, "workload": workload, "loop": loop, "seq": seq, "plan": parts[3] if len(parts) > 3 else "",
+        "params": params, "steps": len(times), "warmup": warmup, "on": on,
+        "tokens_per_s": real_tokens / timed, "slot_tokens_per_s": slots / timed,
+        "step_s_median": statistics.median(times[warmup:]), "first_step_s": times[0],
+        "peak_gib": peak_gib(), "losses": losses,
+    }
+    result["mfu"] = 6 * params * result["slot_tokens_per_s"] / PEAK_FLOPS
+    return result
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| run | tokens/s | peak GiB | MFU | step s | first step s | speed-up | max loss diff |",
+             "|---|---|---|---|---|---|---|---|"]
+    naive = {(r["workload"], r["seq"], r["loop"].replace("naive", "")): r for r in results
+             if "error" not in r and r["loop"].startswith("naive")}
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['run']} | failed: {r['error'][:80]} | | | | | | |")
+            continue
+        base = naive.get((r["workload"], r["seq"], r["loop"].replace("ours", "")))
+        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}×" if base and base is not r else ""
+        diff = ""
+        if base and base is not r and not r["loop"].endswith("-mix"):
+            n = min(len(base["losses"]), len(r["losses"]))
+            diff = f"{max(abs(a - b) / abs(b) for a, b in zip(r['losses'][:n], base['losses'][:n])):.2%}"
+        lines.append(f"| {r['run']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['mfu']:.0%} | "
+                     f"{r['step_s_median']:.3f} | {r['first_step_s']:.1f} | {speed} | {diff} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", default=DEFAULT_RUNS)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=0, help="num_hidden_layers override (0: the real shape)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes, to check the code on a CPU")
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "train_throughput.jsonl"))
+    parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one spec in this process
+    args = parser.parse_args()
+    overrides = dict(TINY) if args.tiny else {}
+    if args.layers:
+        overrides["num_hidden_layers"] = args.layers
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, args.steps, args.warmup, overrides)), flush=True)
+        return
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
+    print(f"{name}  torch {torch.__version__}", flush=True)
+    results = []
+    for spec in args.runs:
+        started = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--one", spec, "--steps", str(args.steps), "--warmup",
+                               str(args.warmup), "--layers", str(args.layers)] + ["--tiny"] * args.tiny,
+                              capture_output=True, text=True)
+        found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        result = json.loads(found[0]) if found else {"run": spec, "error": (proc.stderr.strip().splitlines()
+                                                                             or ["no output"])[-1]}
+        if not found:
+            print(proc.stderr[-3000:], file=sys.stderr)
+        results.append(result)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        shown = {k: v for k, v in result.items() if k != "losses"}
+        print(f"{time.time() - started:.0f}s {json.dumps(shown)}", flush=True)
+        gc.collect()
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Causal-LM cross-entropy straight from hidden states, a chunk of tokens at a time: the [tokens, vocab] float32 logits
+never exist whole.
+
+With Baichuan 2's 125,696-entry vocabulary, 4 × 2048 tokens make 4 GB of float32 logits, and the usual
+`logits.float()` → cross_entropy → backward keeps three such buffers alive at the peak. Here each chunk's logits are
+made, turned into the loss and into the gradients of the hidden states (and of the head's weight when it is trained),
+and freed, all in the forward pass; backward only scales the stored gradients. Same matmuls as the plain way, so no
+extra compute, and the numbers match it (tests/test_chunked_loss.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+CHUNK_BYTES = 512 * 2**20  # float32 logits per chunk
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, normalizer, z_loss_weight, z_normalizer):
+        tokens, vocab = hidden.shape[0], weight.shape[0]
+        chunk = max(1, CHUNK_BYTES // (4 * vocab))
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, tokens, chunk):
+            h = hidden[start:start + chunk]
+            y = labels[start:start + chunk]
+            logits = (h @ weight.t()).float()
+            valid = y != IGNORE_INDEX
+            target = torch.where(valid, y, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            total += torch.where(valid, lse - picked, 0.0).sum() / normalizer
+            # d loss / d logits = (softmax - one_hot) / normalizer on learned tokens, 0 elsewhere
+            grad = torch.exp(logits - lse[:, None])
+            grad.scatter_add_(1, target[:, None], -torch.ones_like(lse)[:, None])
+            grad *= (valid.float() / normalizer)[:, None]
+            if z_loss_weight:
+                # Baichuan 2's z-loss: weight × mean over all positions of the squared largest logit
+                top, index = logits.max(dim=-1)
+                total += z_loss_weight * top.pow(2).sum() / z_normalizer
+                grad.scatter_add_(1, index[:, None], (2 * z_loss_weight / z_normalizer * top)[:, None])
+            grad = grad.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk] = grad @ weight
+            if grad_weight is not None:
+                grad_weight += (grad.t() @ h).float()
+            del logits, grad
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def linear_cross_entropy(hidden, weight, labels, *, num_items_in_batch=None, z_loss_weight: float = 0.0):
+    """Cross-entropy of `hidden @ weight.T` against `labels` (already aligned: labels[i] is the target of hidden[i],
+    IGNORE_INDEX to skip), summed over learned tokens and divided by `num_items_in_batch` when given (the Trainer's
+    count across gradient accumulation), else by this batch's learned-token count (a mean, as F.cross_entropy).
+    `z_loss_weight` adds Baichuan 2's z-loss (mean over all positions of the squared largest logit)."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1).to(hidden.device)
+    if num_items_in_batch is None:
+        normalizer = (labels != IGNORE_INDEX).sum().clamp(min=1).float()
+    else:
+        normalizer = torch.as_tensor(num_items_in_batch, device=hidden.device).float()
+    return _LinearCrossEntropy.apply(hidden, weight, labels, normalizer, float(z_loss_weight or 0.0),
+                                     float(max(labels.numel(), 1)))
+
+
+def shift_for_next_token(labels):
+    """labels[:, 1:] padded with IGNORE_INDEX at the end: position t learns token t+1, as the models' own losses."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def is_partitioned(weight) -> bool:
+    """A DeepSpeed ZeRO-3 parameter: its data lives sharded elsewhere and is gathered only inside module calls."""
+    return hasattr(weight, "ds_id")
