@@ -12,12 +12,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, get_peft_model
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from novelkit.errors import exit_on_error
 from novelkit.loading import load_tokenizer, resolve_model_path
-from novelkit.quantization import choose_optimizer, load_4bit_model, require_bitsandbytes
+from novelkit.quantization import choose_optimizer, load_4bit_model, prepare_4bit_for_training, require_bitsandbytes
 from novelkit.sft_training import (LoraArguments, load_sft_data, lora_targets, make_trainer, parse_args, save_trained,
                                    train_resuming)
 from novelkit.templates import default_template_name, get_template
@@ -41,9 +41,9 @@ def main():
     # 2. format the data: prompt tokens masked, responses learned
     data = load_sft_data(tokenizer, template, args)
 
-    # 3. wrap: freeze the 4-bit base, keep norms and embeddings in fp32 for stable training (and, with gradient
-    #    checkpointing, let gradients reach the checkpointed layers), then add the LoRA adapters
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=targs.gradient_checkpointing)
+    # 3. wrap: freeze the 4-bit base in its compute dtype (with gradient checkpointing, gradients must still reach
+    #    the checkpointed layers), then add the LoRA adapters
+    prepare_4bit_for_training(model, gradient_checkpointing=targs.gradient_checkpointing)
     lora = LoraConfig(task_type="CAUSAL_LM", r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha,
                       lora_dropout=lora_args.lora_dropout, target_modules=lora_targets(lora_args.lora_target, model))
     model = get_peft_model(model, lora)
