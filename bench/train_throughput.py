@@ -162,7 +162,7 @@ def mixed_batches(steps, rows, seq, vocab, packed: bool):
     for step in range(len(packed_rows) // rows):
         step_rows = packed_rows[step * rows:(step + 1) * rows]
         if packed:
-            batches.append(PackedCollator(pad_token_id=0)(step_rows))
+            batches.append(PackedCollator(pad_token_id=0, width=seq)(step_rows))
             continue
         samples = []
         for row in step_rows:  # cut each row back into its samples at the position resets

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-CHUNK_BYTES = 512 * 2**20  # float32 logits per chunk
+CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk (the peak holds about two such buffers)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -35,20 +35,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, target[:, None]).squeeze(1)
             total += torch.where(valid, lse - picked, 0.0).sum() / normalizer
-            # d loss / d logits = (softmax - one_hot) / normalizer on learned tokens, 0 elsewhere
-            grad = torch.exp(logits - lse[:, None])
-            grad.scatter_add_(1, target[:, None], -torch.ones_like(lse)[:, None])
-            grad *= (valid.float() / normalizer)[:, None]
             if z_loss_weight:
                 # Baichuan 2's z-loss: weight × mean over all positions of the squared largest logit
                 top, index = logits.max(dim=-1)
                 total += z_loss_weight * top.pow(2).sum() / z_normalizer
+            # d loss / d logits = (softmax - one_hot) / normalizer on learned tokens, 0 elsewhere; in place, so the
+            # chunk's float32 logits buffer becomes its gradient
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad.scatter_add_(1, target[:, None], -torch.ones_like(lse)[:, None])
+            grad *= (valid.float() / normalizer)[:, None]
+            if z_loss_weight:
                 grad.scatter_add_(1, index[:, None], (2 * z_loss_weight / z_normalizer * top)[:, None])
             grad = grad.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk] = grad @ weight
             if grad_weight is not None:
-                grad_weight += (grad.t() @ h).float()
+                grad_weight.add_(grad.t() @ h)  # promoted to float32 inside the add: no float32 copy of the product
             del logits, grad
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype

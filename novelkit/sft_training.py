@@ -111,7 +111,8 @@ def make_trainer(model, tokenizer, template, targs: TrainingArguments, data: SFT
         compile_auto = torch.cuda.is_available() and not targs.deepspeed
         prepare_fast_training(model, compile=_switch(args.compile_layers, auto=compile_auto),
                               checkpoint_layers=args.checkpoint_layers if targs.gradient_checkpointing else -1)
-    collator = PackedCollator(tokenizer.pad_token_id) if data.packed else SFTCollator(tokenizer.pad_token_id)
+    collator = PackedCollator(tokenizer.pad_token_id, width=args.max_length) if data.packed \
+        else SFTCollator(tokenizer.pad_token_id)
     evaluator = None
     if data.dev is not None and args.eval_samples > 0:
         evaluator = GenerationEvaluator(tokenizer, template, data.dev_samples, count=args.eval_samples,

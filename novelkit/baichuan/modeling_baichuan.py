@@ -130,13 +130,13 @@ def varlen_attention():
 
 
 def packed_cu_seqlens(position_ids):
-    """Cumulative sample lengths over the flattened (batch × seq) tokens, int32, and the longest sample."""
+    """Cumulative sample lengths over the flattened (batch × seq) tokens, int32, and a bound on the longest sample:
+    the row length, a constant, so compiled layers see the same value every step (no recompilation, no sync)."""
     starts = packed_sequence_starts(position_ids).reshape(-1)
     starts[0] = True
     edges = torch.nonzero(starts).reshape(-1)
     total = torch.tensor([position_ids.numel()], device=position_ids.device)
-    cu_seqlens = torch.cat([edges, total]).to(torch.int32)
-    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return torch.cat([edges, total]).to(torch.int32), position_ids.shape[-1]
 
 
 def alibi_bias(allowed, num_heads, dtype):
