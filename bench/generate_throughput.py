@@ -78,6 +78,30 @@ def time_engine(model, prompts, new_tokens, cuda_graphs=True, max_batch=None):
     return seconds
 
 
+def step_profile(model, batch, steps=50):
+    """Milliseconds per engine step (graph replay + sampling + host bookkeeping) against a bare replay of the
+    same graph: the difference is what the host adds per step."""
+    engine = Engine(model, max_batch=batch, max_len=PROMPT + 300)
+    params = SamplingParams(do_sample=True, **SAMPLING)
+    for p in _prompts(batch, model.config.vocab_size):
+        engine.add(Request(p.tolist(), 300, params, ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    _sync()
+    step_ms = (time.perf_counter() - start) / steps * 1000
+    graph = next(iter(engine.graphs.values()))[0]
+    start = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    _sync()
+    replay_ms = (time.perf_counter() - start) / steps * 1000
+    return {"batch": batch, "step_ms": round(step_ms, 3), "replay_ms": round(replay_ms, 3)}
+
+
 def greedy_equality(model, prompts, new_tokens):
     """Per prompt: first position where the engine's greedy tokens differ from generate's, and generate's top-2
     logit gap there (a near-tie explains a bf16 divergence)."""
@@ -150,6 +174,9 @@ def main():
         print(f"== {shape}: {params_b:.2f} B parameters", flush=True)
         results["equality"][shape] = greedy_equality(model, _prompts(4, model.config.vocab_size, seed=7), 64)
         print("greedy equality:", results["equality"][shape], flush=True)
+        if device == "cuda":
+            results.setdefault("profile", {})[shape] = [step_profile(model, b) for b in args.batches]
+            print("step profile:", results["profile"][shape], flush=True)
         naive_rate = {}
         for batch in args.batches:
             prompts = _prompts(batch, model.config.vocab_size)

@@ -8,7 +8,8 @@ A static KV cache of `max_batch` slots x `max_len` positions (engine_model.py); 
 slot and decodes one token per step at its own position, so requests join and leave between steps. On CUDA the
 decode step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed: one launch per
 step instead of hundreds of kernel launches from Python, which is what bounds `generate` at small batches. Sampling
-(sampling.py) runs after the graph, per-row settings. On CPU the same code runs eagerly.
+(sampling.py, per-row settings) is part of the graph, and the step's inputs stay on the device, so a step costs
+the host one replay and one read of the chosen tokens. On CPU the same code runs eagerly.
 
 Models the fast path cannot run (engine_model.fast_path_problem) go through transformers' `generate`, one request
 at a time, behind the same API.
@@ -241,63 +242,66 @@ class Engine:
             logits = self.cached.prefill([r.prompt for r in take], slots)
             for r, slot in zip(take, slots):
                 self.sampler.set_row(slot, r.sampling, r.prompt)
-            chosen = self.sampler.choose(logits, slots).tolist()
-            for r, slot, token in zip(take, slots, chosen):
+            index = torch.tensor(slots, device=self.cached.device)
+            chosen = self.sampler.choose(logits, index, *self.sampler.needs(slots))
+            # the decode step's inputs live on the device: the first token and where it goes
+            self.token_buffer[index] = chosen
+            self.position_buffer[index] = torch.tensor([len(r.prompt) for r in take], device=self.cached.device)
+            for r, slot, token in zip(take, slots, chosen.tolist()):
                 seq = self.active[slot] = _Sequence(r, slot, self.tokenizer)
                 if seq.add(token, self.tokenizer):
                     done.append(self._release(slot))
-                    free.insert(0, slot)
+                    free.append(slot)
             free.sort()
         return done
 
     def _decode(self) -> list[Request]:
         batch = max(self.active) + 1
-        tokens = [0] * batch
-        positions = [0] * batch
-        for slot, seq in self.active.items():
-            tokens[slot], positions[slot] = seq.request.tokens[-1], seq.position
-        longest = max(positions) + 1
-        if self.cuda_graphs:
-            batch = _bucket(batch, self.max_batch)
-            tokens += [0] * (batch - len(tokens))
-            positions += [0] * (batch - len(positions))
+        longest = max(seq.position for seq in self.active.values()) + 1
+        sample, penalty, seeded = self.sampler.needs(list(self.active))
+        if self.cuda_graphs and not seeded:
             length = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, self.max_len)
-            self.token_buffer[:batch].copy_(torch.tensor(tokens))
-            self.position_buffer[:batch].copy_(torch.tensor(positions))
-            logits = self._replay(batch, length)
-        else:
-            device = self.cached.device
-            logits = self.cached.decode(torch.tensor(tokens, device=device), torch.tensor(positions, device=device),
-                                        longest)
-        for slot in range(batch):  # free slots inside the batch: greedy on their garbage logits, result unused
-            if self.sampler.params[slot] is None:
-                self.sampler.params[slot] = _IDLE
-        chosen = self.sampler.choose(logits, list(range(batch))).tolist()
-        for slot in range(batch):
-            if self.sampler.params[slot] is _IDLE:
-                self.sampler.params[slot] = None
+            chosen = self._replay(_bucket(batch, self.max_batch), length, sample, penalty)
+        else:  # CPU, or a row with its own generator (its draw is not capturable)
+            chosen = self._decode_step(batch, longest, sample, penalty, seeded)
+        chosen = chosen.tolist()
         done = []
         for slot, seq in list(self.active.items()):
             if seq.add(chosen[slot], self.tokenizer):
                 done.append(self._release(slot))
         return done
 
-    def _replay(self, batch: int, length: int) -> torch.Tensor:
-        key = (batch, length)
+    def _decode_step(self, batch: int, length: int, sample: bool, penalty: bool, seeded: bool = False):
+        """One token for slots 0..batch-1 from the device-side token and position buffers, which it advances
+        (free slots in the range compute garbage that nothing reads). Returns the chosen tokens (device)."""
+        tokens, positions = self.token_buffer[:batch], self.position_buffer[:batch]
+        logits = self.cached.decode(tokens, positions, length)
+        chosen = self.sampler.choose(logits, slice(0, batch), sample, penalty, seeded)
+        tokens.copy_(chosen)
+        positions.copy_((positions + 1).clamp(max=self.max_len - 1))
+        return tokens
+
+    def _replay(self, batch: int, length: int, sample: bool, penalty: bool) -> torch.Tensor:
+        key = (batch, length, sample, penalty)
         if key not in self.graphs:
-            tokens, positions = self.token_buffer[:batch], self.position_buffer[:batch]
+            # The warm-up runs the step for real (kernel selection, lazy init): put back what it advanced. Its K/V
+            # writes are the ones the replay makes again.
+            saved = (self.token_buffer.clone(), self.position_buffer.clone(), self.sampler.seen[:batch].clone())
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside the graph (kernel selection, lazy init)
-                self.cached.decode(tokens, positions, length)  # same inputs as the replay: writes the same K/V
+            with torch.cuda.stream(stream):
+                self._decode_step(batch, length, sample, penalty)
             torch.cuda.current_stream().wait_stream(stream)
+            self.token_buffer.copy_(saved[0])
+            self.position_buffer.copy_(saved[1])
+            self.sampler.seen[:batch].copy_(saved[2])
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.graph_pool):
-                logits = self.cached.decode(tokens, positions, length)
-            self.graphs[key] = (graph, logits)
-        graph, logits = self.graphs[key]
+                out = self._decode_step(batch, length, sample, penalty)
+            self.graphs[key] = (graph, out)
+        graph, out = self.graphs[key]
         graph.replay()
-        return logits
+        return out
 
     # --- fallback: transformers' generate -----------------------------------------------------------------------
     def _fallback_step(self) -> list[Request]:
@@ -311,8 +315,6 @@ class Engine:
         _generate_one(self.model, self.tokenizer, r)
         return done + [r]
 
-
-_IDLE = SamplingParams()
 
 
 class _Halt(StoppingCriteria):

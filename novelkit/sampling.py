@@ -1,7 +1,7 @@
 """Next-token choice for a batch of sequences with per-row settings, the same numbers as transformers' processors.
 
 Order as `generate`: repetition penalty (also when greedy), then for sampled rows temperature, top-k, top-p, then a
-multinomial draw. A row whose setting is neutral (penalty 1, temperature 1, top_k 0, top_p 1) is left unchanged,
+draw. A row whose setting is neutral (penalty 1, temperature 1, top_k 0, top_p 1) is left unchanged,
 as `generate` leaves out that processor. Rows with a seed draw from their own generator.
 """
 
@@ -46,16 +46,16 @@ def penalize_repetition(logits, seen, penalty):
 
 def warp(logits, temperature, top_k, top_p):
     """HF temperature, top-k and top-p warpers per row. temperature, top_p (b, 1) float; top_k (b, 1) long,
-    0 = off. Filtered logits become -inf."""
+    0 = off. Filtered logits become -inf. One sort serves both filters: top-k only turns the lowest entries of the
+    ascending order into -inf, so that order stays the order top-p needs."""
     vocab = logits.shape[-1]
     logits = logits / temperature
-    sorted_desc = logits.sort(dim=-1, descending=True).values
-    k = top_k.clamp(min=1, max=vocab)
-    kth = sorted_desc.gather(-1, k - 1)
-    keep_k = (top_k <= 0) | (logits >= kth)
-    logits = logits.masked_fill(~keep_k, -float("inf"))
-    # top-p exactly as TopPLogitsWarper: ascending sort of the top-k-filtered scores, cumulative probabilities.
-    sorted_asc, order = logits.sort(dim=-1, descending=False)
+    sorted_asc, order = logits.sort(dim=-1)
+    kth = sorted_asc.gather(-1, vocab - top_k.clamp(min=1, max=vocab))  # as TopKLogitsWarper: ties with it stay
+    use_k = top_k > 0
+    logits = logits.masked_fill(use_k & (logits < kth), -float("inf"))
+    sorted_asc = sorted_asc.masked_fill(use_k & (sorted_asc < kth), -float("inf"))
+    # as TopPLogitsWarper: drop the ascending prefix whose cumulative probability is <= 1 - top_p, keep the best
     cumulative = sorted_asc.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cumulative <= (1 - top_p)
     remove_sorted[:, -1] = False
@@ -64,7 +64,8 @@ def warp(logits, temperature, top_k, top_p):
 
 
 class Sampler:
-    """Per-row settings as device tensors (one row per cache slot) and the choice of next tokens."""
+    """Per-row settings as device tensors (one row per cache slot) and the choice of next tokens. `choose` has no
+    host sync and fixed shapes, so the engine captures it in the decode step's CUDA graph (rows without a seed)."""
 
     def __init__(self, rows: int, vocab: int, device):
         self.device = device
@@ -88,32 +89,34 @@ class Sampler:
         if params.repetition_penalty != 1.0:
             self.seen[row, torch.tensor(prompt, device=self.device)] = True
         self.generators[row] = None
-        if params.seed is not None:
+        if params.seed is not None and params.do_sample:
             self.generators[row] = torch.Generator(self.device).manual_seed(params.seed)
 
-    def choose(self, logits, rows: list[int]) -> torch.Tensor:
-        """Next token for each of `rows` (the logits' rows, in that order). Returns (len(rows),) long on device."""
-        params = [self.params[r] for r in rows]
-        index = torch.tensor(rows, device=self.device) if rows != list(range(len(rows))) else slice(0, len(rows))
+    def needs(self, rows) -> tuple[bool, bool, bool]:
+        """(any row samples, any row penalises repetition, any sampling row has its own generator)."""
+        params = [self.params[r] for r in rows if self.params[r] is not None]
+        sample = any(p.do_sample for p in params)
+        return (sample, any(p.repetition_penalty != 1.0 for p in params),
+                sample and any(self.generators[r] is not None for r in rows))
+
+    def choose(self, logits, rows, sample: bool, penalty: bool, seeded: bool = False) -> torch.Tensor:
+        """Next token for each row of `logits`; `rows` (slice or index tensor) says which slots they are.
+        A draw is argmax(probs / Exp(1) noise): the same distribution as torch.multinomial, and graph-capturable."""
         logits = logits.float()
-        if any(p.repetition_penalty != 1.0 for p in params):
-            logits = penalize_repetition(logits, self.seen[index], self.penalty[index])
+        if penalty:
+            logits = penalize_repetition(logits, self.seen[rows], self.penalty[rows])
         chosen = logits.argmax(dim=-1)
-        if any(p.do_sample for p in params):
-            warped = warp(logits, self.temperature[index], self.top_k[index], self.top_p[index])
-            probs = warped.softmax(dim=-1)
-            shared = [i for i, p in enumerate(params) if p.do_sample and self.generators[rows[i]] is None]
-            if len(shared) == len(rows):
-                drawn = torch.multinomial(probs, 1)[:, 0]
-            else:
-                drawn = chosen.clone()
-                if shared:
-                    pick = torch.tensor(shared, device=self.device)
-                    drawn[pick] = torch.multinomial(probs[pick], 1)[:, 0]
-                for i, p in enumerate(params):
-                    if p.do_sample and self.generators[rows[i]] is not None:
-                        drawn[i] = torch.multinomial(probs[i], 1, generator=self.generators[rows[i]])[0]
-            chosen = torch.where(self.do_sample[index][:, 0], drawn, chosen)
-        if any(p.repetition_penalty != 1.0 for p in params):
-            self.seen[torch.tensor(rows, device=self.device), chosen] = True
+        if sample:
+            probs = warp(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows]).softmax(dim=-1)
+            noise = torch.empty_like(probs).exponential_()
+            if seeded:
+                slots = range(rows.start, rows.stop) if isinstance(rows, slice) else rows.tolist()
+                for i, slot in enumerate(slots):
+                    if self.generators[slot] is not None:
+                        noise[i].exponential_(generator=self.generators[slot])
+            drawn = (probs / noise).argmax(dim=-1)
+            chosen = torch.where(self.do_sample[rows][:, 0], drawn, chosen)
+        if penalty:
+            index = torch.arange(rows.start, rows.stop, device=self.device) if isinstance(rows, slice) else rows
+            self.seen[index, chosen] = True
         return chosen
