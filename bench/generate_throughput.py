@@ -167,6 +167,7 @@ def main():
     import transformers
 
     results["transformers"] = transformers.__version__
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for shape in args.shapes:
         overrides = {"num_hidden_layers": args.layers} if args.layers else {}
         model = build_model(shape, device=device, dtype=torch.bfloat16, **overrides)
@@ -194,6 +195,7 @@ def main():
                     row["engine_eager_tokens_per_s"] = batch * new / time_engine(model, prompts, new, cuda_graphs=False)
                 results["rows"].append(row)
                 print(json.dumps(row), flush=True)
+                Path(args.out).write_text(json.dumps(results, indent=2))  # partial results survive a timeout
         if args.tianchi and shape == "baichuan2-7b":
             t = tianchi(model, ROOT / args.tokenizer, ROOT / args.data, args.tianchi_batch, 800)
             rate = naive_rate.get(64) or naive_rate[max(naive_rate)]
