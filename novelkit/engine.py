@@ -146,7 +146,7 @@ class Engine:
 
         self.model, self.tokenizer = model, tokenizer
         self.max_batch = max_batch
-        self.max_len = min(max_len or max_positions(unwrap(model).config), max_positions(unwrap(model).config))
+        self.max_len = max_len or max_positions(unwrap(model).config)  # RoPE and ALiBi extend past the config
         self.pending: list[Request] = []
         self.active: dict[int, _Sequence] = {}
         self.problem = fast_path_problem(model)
@@ -159,8 +159,10 @@ class Engine:
         vocab = unwrap(model).get_input_embeddings().weight.shape[0]
         device = self.cached.device
         self.sampler = Sampler(max_batch, vocab, device)
+        # bitsandbytes layers stay eager: their kernels are not known to be graph-safe
+        quantized = any("bitsandbytes" in type(m).__module__ for m in unwrap(model).modules())
         on_cuda = device.type == "cuda"
-        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs and on_cuda
+        self.cuda_graphs = on_cuda and not quantized if cuda_graphs is None else cuda_graphs and on_cuda
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.token_buffer = torch.zeros(max_batch, dtype=torch.long, device=device)
