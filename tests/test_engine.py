@@ -174,3 +174,15 @@ def test_too_long_requests_are_refused():
     with pytest.raises(ValueError, match="maximum length of 32"):
         engine.add(Request(list(range(3, 23)), max_new_tokens=13))
     assert not engine.busy
+
+
+def test_an_architecture_without_a_fast_path_goes_through_generate():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    engine = Engine(model, max_batch=2, max_len=64)
+    assert "gpt2" in engine.problem
+    prompt = _prompts(1)[0]
+    r = engine.run([Request(prompt, 8)])[0]
+    assert r.tokens == _hf_greedy(model, prompt, 8) and r.finish_reason == "length"
