@@ -9,7 +9,11 @@ slot and decodes one token per step at its own position, so requests join and le
 decode step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed: one launch per
 step instead of hundreds of kernel launches from Python, which is what bounds `generate` at small batches. Sampling
 (sampling.py, per-row settings) is part of the graph, and the step's inputs stay on the device, so a step costs
-the host one replay and one read of the chosen tokens. On CPU the same code runs eagerly.
+the host one replay and one read of the chosen tokens. On CUDA the model's decode step is also compiled with
+torch.compile (inductor) before capture, for inference-only models (`compile=` to force it on or off): it fuses the
+dozens of small kernels per layer that calling the model's own modules costs; batch and cache length are dynamic
+dimensions, so one compilation serves every bucket. A compilation failure logs one line and the engine goes on
+uncompiled. On CPU the same code runs eagerly (compiled only when asked).
 
 Models the fast path cannot run (engine_model.fast_path_problem) go through transformers' `generate`, one request
 at a time, behind the same API.
@@ -141,7 +145,7 @@ class Engine:
     """Continuous batching over a static KV cache (see the module docstring)."""
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 64, max_len: int | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, compile: bool | None = None):
         from .loading import max_positions
 
         self.model, self.tokenizer = model, tokenizer
@@ -155,18 +159,26 @@ class Engine:
                         "time", self.problem)
             print(f"[engine] fast path unavailable ({self.problem}): using transformers' generate", flush=True)
             return
-        self.cached = CachedModel(model, max_batch, self.max_len)
-        vocab = unwrap(model).get_input_embeddings().weight.shape[0]
-        device = self.cached.device
-        self.sampler = Sampler(max_batch, vocab, device)
+        inner = unwrap(model)
+        on_cuda = inner.get_input_embeddings().weight.device.type == "cuda"
         # bitsandbytes layers stay eager: their kernels are not known to be graph-safe
-        quantized = any("bitsandbytes" in type(m).__module__ for m in unwrap(model).modules())
-        on_cuda = device.type == "cuda"
+        quantized = any("bitsandbytes" in type(m).__module__ for m in inner.modules())
         self.cuda_graphs = on_cuda and not quantized if cuda_graphs is None else cuda_graphs and on_cuda
+        # torch.compile by default only for inference-only models in CUDA graphs: a model being trained (the
+        # evaluator) would pay the compilation at every evaluation
+        frozen = not any(p.requires_grad for p in inner.parameters())
+        self.compile = self.cuda_graphs and frozen if compile is None else compile
+        # a compiled step keeps batch >= 2 (a batch dimension of 1 would be compiled separately): one spare slot
+        self.slots = max(max_batch, 2) if self.compile else max_batch
+        self.cached = CachedModel(model, self.slots, self.max_len)
+        vocab = inner.get_input_embeddings().weight.shape[0]
+        device = self.cached.device
+        self.sampler = Sampler(self.slots, vocab, device)
+        self.compiled = self.cached.compiled_decode() if self.compile else None
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        self.token_buffer = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.position_buffer = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.token_buffer = torch.zeros(self.slots, dtype=torch.long, device=device)
+        self.position_buffer = torch.zeros(self.slots, dtype=torch.long, device=device)
 
     # --- the API ------------------------------------------------------------------------------------------------
     def check(self, prompt_tokens: int, max_new_tokens: int):
@@ -259,11 +271,13 @@ class Engine:
 
     def _decode(self) -> list[Request]:
         batch = max(self.active) + 1
+        if self.compiled is not None:
+            batch = max(batch, 2)
         longest = max(seq.position for seq in self.active.values()) + 1
         sample, penalty, seeded = self.sampler.needs(list(self.active))
         if self.cuda_graphs and not seeded:
             length = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, self.max_len)
-            chosen = self._replay(_bucket(batch, self.max_batch), length, sample, penalty)
+            chosen = self._replay(_bucket(batch, self.slots), length, sample, penalty)
         else:  # CPU, or a row with its own generator (its draw is not capturable)
             chosen = self._decode_step(batch, longest, sample, penalty, seeded)
         chosen = chosen.tolist()
@@ -277,33 +291,61 @@ class Engine:
         """One token for slots 0..batch-1 from the device-side token and position buffers, which it advances
         (free slots in the range compute garbage that nothing reads). Returns the chosen tokens (device)."""
         tokens, positions = self.token_buffer[:batch], self.position_buffer[:batch]
-        logits = self.cached.decode(tokens, positions, length)
+        logits = self._logits(tokens, positions, length)
         chosen = self.sampler.choose(logits, slice(0, batch), sample, penalty, seeded)
         tokens.copy_(chosen)
         positions.copy_((positions + 1).clamp(max=self.max_len - 1))
         return tokens
 
+    def _logits(self, tokens, positions, length):
+        if self.compiled is not None:
+            capturing = self.cuda_graphs and torch.cuda.is_current_stream_capturing()
+            try:
+                return self.compiled(tokens, positions, length)
+            except Exception as error:  # compilation must never break generation
+                if capturing:
+                    raise  # _replay falls back and captures again
+                self._compile_failed(error)
+        return self.cached.decode(tokens, positions, length)
+
+    def _compile_failed(self, error):
+        self.compiled = None
+        log.warning("generation engine: torch.compile failed (%s: %s), decoding uncompiled", type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "")
+        print(f"[engine] torch.compile failed ({type(error).__name__}): decoding uncompiled", flush=True)
+
     def _replay(self, batch: int, length: int, sample: bool, penalty: bool) -> torch.Tensor:
         key = (batch, length, sample, penalty)
         if key not in self.graphs:
-            # The warm-up runs the step for real (kernel selection, lazy init): put back what it advanced. Its K/V
-            # writes are the ones the replay makes again.
-            saved = (self.token_buffer.clone(), self.position_buffer.clone(), self.sampler.seen[:batch].clone())
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._decode_step(batch, length, sample, penalty)
-            torch.cuda.current_stream().wait_stream(stream)
-            self.token_buffer.copy_(saved[0])
-            self.position_buffer.copy_(saved[1])
-            self.sampler.seen[:batch].copy_(saved[2])
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graph_pool):
-                out = self._decode_step(batch, length, sample, penalty)
-            self.graphs[key] = (graph, out)
+            try:
+                self._capture(key)
+            except Exception as error:
+                if self.compiled is None:
+                    raise
+                self._compile_failed(error)
+                self.graphs.clear()  # graphs captured with the compiled step are fine, but keep one kind
+                self._capture(key)
         graph, out = self.graphs[key]
         graph.replay()
         return out
+
+    def _capture(self, key):
+        batch, length, sample, penalty = key
+        # The warm-up runs the step for real (kernel selection, lazy init): put back what it advanced. Its K/V
+        # writes are the ones the replay makes again.
+        saved = (self.token_buffer.clone(), self.position_buffer.clone(), self.sampler.seen[:batch].clone())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._decode_step(batch, length, sample, penalty)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.token_buffer.copy_(saved[0])
+        self.position_buffer.copy_(saved[1])
+        self.sampler.seen[:batch].copy_(saved[2])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            out = self._decode_step(batch, length, sample, penalty)
+        self.graphs[key] = (graph, out)
 
     # --- fallback: transformers' generate -----------------------------------------------------------------------
     def _fallback_step(self) -> list[Request]:

@@ -12,6 +12,8 @@ use it (the engine then falls back to `generate`).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +65,7 @@ class CachedModel:
         shape = (slots, self.kv_heads, max_len, self.head_dim)
         self.keys = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.key_index = torch.arange(max_len, device=self.device)
         self._positional_tables()
         self.head = self._lm_head()
 
@@ -169,9 +172,31 @@ class CachedModel:
         """tokens, positions: (batch,) for slots 0..batch-1 (the token at `position` of its slot); keys are read
         from cache[:, :, :length] (length > every position). Returns logits (batch, vocab). No host sync, no
         data-dependent shapes: CUDA-graph capturable."""
-        batch = tokens.shape[0]
+        return self.decode_over(tokens, positions, self.key_index[:length])
+
+    def compiled_decode(self):
+        """`decode_over` through torch.compile (inductor): the ~40 small kernels per layer of the module-calling
+        step (norms, RoPE, cache write, mask) fuse into a few. Batch and length are dynamic dimensions, so one
+        compilation serves every (batch, length) bucket; batch must be >= 2 (a size of 1 would be specialised)."""
+        compiled = torch.compile(self.decode_over)
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+        def call(tokens, positions, length):
+            key_index = self.key_index[:length]
+            for t in (tokens, positions, key_index):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            # automatic dynamic shapes off: another engine's cache or model of other sizes recompiles with static
+            # sizes instead of turning head or hidden sizes symbolic (slower kernels)
+            with _sdpa_backends(), torch._dynamo.config.patch(automatic_dynamic_shapes=False, **{limit: 64}):
+                return compiled(tokens, positions, key_index)
+
+        return call
+
+    def decode_over(self, tokens: torch.Tensor, positions: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
+        """`decode` with the cache length given as `key_index` = arange(length): a tensor dimension, which
+        torch.compile can keep symbolic (a Python int would be specialised)."""
+        batch, length = tokens.shape[0], key_index.shape[0]
         rows = torch.arange(batch, device=self.device)
-        key_index = torch.arange(length, device=self.device)
         allowed = key_index[None, :] <= positions[:, None]  # (batch, length)
         if self.alibi:
             distance = (positions[:, None] - key_index[None, :]).clamp(min=0).to(torch.float32)
@@ -202,8 +227,12 @@ class CachedModel:
 
 
 def _sdpa_backends():
-    """Flash / memory-efficient / math only: cuDNN attention re-plans for every new shape (see modeling_baichuan)."""
+    """Flash / memory-efficient / math only: cuDNN attention re-plans for every new shape (see modeling_baichuan).
+    Inside torch.compile a no-op: `compiled_decode` sets it around the compiled call, where tracing picks the kernel."""
     from .baichuan.modeling_baichuan import SDPA_BACKENDS
     from torch.nn.attention import sdpa_kernel
+
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
 
     return sdpa_kernel(SDPA_BACKENDS)

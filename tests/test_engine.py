@@ -186,3 +186,29 @@ def test_an_architecture_without_a_fast_path_goes_through_generate():
     prompt = _prompts(1)[0]
     r = engine.run([Request(prompt, 8)])[0]
     assert r.tokens == _hf_greedy(model, prompt, 8) and r.finish_reason == "length"
+
+
+def test_the_compiled_decode_step_gives_the_same_tokens():
+    """The decode step through torch.compile (inductor's CPU backend here; on CUDA it is the default) on a
+    mixed-length batch whose cache length grows every step: one compilation (batch and length dynamic), equal
+    tokens."""
+    import time
+
+    import torch._dynamo
+
+    model = MODELS["qwen2"]()
+    prompts = _prompts(3)
+    engine = Engine(model, max_batch=3, max_len=64, compile=True)
+    assert engine.compiled is not None and engine.slots == 3
+    start = time.perf_counter()
+    torch._dynamo.reset()
+    requests = engine.run([Request(p, max_new_tokens=10) for p in prompts])
+    if engine.compiled is None:
+        pytest.fail("torch.compile fell back to the uncompiled step")
+    for r in requests:
+        assert r.tokens == _hf_greedy(model, r.prompt, 10)
+    single = Engine(model, max_batch=1, max_len=64, compile=True)  # one request still decodes with batch 2
+    assert single.slots == 2
+    assert single.run([Request(prompts[0], max_new_tokens=5)])[0].tokens == requests[0].tokens[:5]
+    assert single.compiled is not None
+    print(f"compiled path: {time.perf_counter() - start:.1f} s")
