@@ -2,6 +2,7 @@
 
     python bench/generate_throughput.py --out results.json                       # the full table (GPU, ~6 min)
     python bench/generate_throughput.py --layers 4 --batches 1 64 --new-tokens 64 --tianchi 0   # a quick smoke
+    python bench/generate_throughput.py --quick      # batch 1/64 x 256: naive, engine compiled and uncompiled (~4 min)
 
 Random-initialised models of real shapes (bench/shapes.py), bf16, 64-token random prompts, sampling with the same
 settings for both (temperature 0.7, top_p 0.9, top_k off), EOS ignored so every sequence makes exactly N tokens.
@@ -62,9 +63,9 @@ def time_naive(model, prompts, new_tokens):
     return seconds
 
 
-def time_engine(model, prompts, new_tokens, cuda_graphs=True, max_batch=None):
-    engine = Engine(model, max_batch=max_batch or len(prompts), max_len=prompts.shape[1] + new_tokens,
-                    cuda_graphs=cuda_graphs)
+def time_engine(model, prompts, new_tokens, cuda_graphs=True, max_batch=None, engine=None):
+    engine = engine or Engine(model, max_batch=max_batch or len(prompts), max_len=prompts.shape[1] + new_tokens,
+                              cuda_graphs=cuda_graphs)
     params = SamplingParams(do_sample=True, **SAMPLING)
     make = lambda: [Request(p.tolist(), new_tokens, params, ignore_eos=True) for p in prompts]  # noqa: E731
     engine.run(make())  # warm-up: captures the graphs of every (batch, length) bucket this call meets
@@ -74,7 +75,6 @@ def time_engine(model, prompts, new_tokens, cuda_graphs=True, max_batch=None):
     _sync()
     seconds = time.perf_counter() - start
     assert all(len(r.tokens) == new_tokens for r in done)
-    del engine
     return seconds
 
 
@@ -102,11 +102,11 @@ def step_profile(model, batch, steps=50):
     return {"batch": batch, "step_ms": round(step_ms, 3), "replay_ms": round(replay_ms, 3)}
 
 
-def greedy_equality(model, prompts, new_tokens):
+def greedy_equality(model, prompts, new_tokens, engine=None):
     """Per prompt: first position where the engine's greedy tokens differ from generate's, and generate's top-2
     logit gap there (a near-tie explains a bf16 divergence)."""
     rows = []
-    engine = Engine(model, max_batch=len(prompts), max_len=prompts.shape[1] + new_tokens)
+    engine = engine or Engine(model, max_batch=len(prompts), max_len=prompts.shape[1] + new_tokens)
     ours = engine.run([Request(p.tolist(), new_tokens) for p in prompts])
     for p, r in zip(prompts, ours):
         ids = p[None].to(model.device)
@@ -147,6 +147,63 @@ def tianchi(model, tokenizer_dir, data, max_batch, new_tokens):
             "engine_tokens_per_s": round(len(prompts) * new_tokens / seconds)}
 
 
+def quick(args, results):
+    """--quick: per shape, batch 1 and 64 x 256 new tokens; naive `generate`, the engine compiled and the engine
+    uncompiled (CUDA graphs both), each engine built once (64 slots) and reused for both batches and for the greedy
+    check, so the compiled one compiles once; its first call's extra time over the uncompiled one's is the
+    compilation."""
+    new = 256
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for shape in args.shapes:
+        overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+        model = build_model(shape, device=device, dtype=torch.bfloat16, **overrides)
+        vocab = model.config.vocab_size
+        print(f"== {shape}: {parameter_count(model) / 1e9:.2f} B parameters", flush=True)
+        engines = {}
+        for name, compiled in (("compiled", True), ("uncompiled", False)):
+            engine = Engine(model, max_batch=64, max_len=PROMPT + new, compile=compiled)
+            start = time.perf_counter()  # first call: compilation (compiled) and capture of 2 length buckets
+            engine.run([Request(p.tolist(), new, ignore_eos=True) for p in _prompts(2, vocab)])
+            _sync()
+            first_s = time.perf_counter() - start
+            engines[name] = engine
+            still = engine.compiled is not None
+            results.setdefault("first_call_s", {}).setdefault(shape, {})[name] = round(first_s, 1)
+            print(f"{name}: first call {first_s:.1f} s (compiled step in use: {still})", flush=True)
+            if compiled and not still:
+                results.setdefault("compile_fell_back", []).append(shape)
+        results["equality"][shape] = greedy_equality(model, _prompts(4, vocab, seed=7), 64, engines["compiled"])
+        print("greedy equality:", results["equality"][shape], flush=True)
+        for batch in (1, 64):
+            prompts = _prompts(batch, vocab)
+            naive_n = args.naive_tokens
+            naive_rate = batch * naive_n / time_naive(model, prompts, naive_n)
+            row = {"shape": shape, "batch": batch, "new_tokens": new, "naive_tokens_per_s": naive_rate,
+                   "naive_timed_tokens": naive_n}
+            for name, engine in engines.items():
+                rate = batch * new / time_engine(model, prompts, new, engine=engine)
+                row[f"engine_{name}_tokens_per_s"] = rate
+                row[f"ratio_{name}"] = rate / naive_rate
+                row[f"{name}_ms_per_step"] = round(batch / rate * 1000, 3)
+            row["engine_tokens_per_s"], row["ratio"] = row["engine_compiled_tokens_per_s"], row["ratio_compiled"]
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))
+        del engines, model
+        torch.cuda.empty_cache() if device == "cuda" else None
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    lines = ["| shape | batch | naive tokens/s (over N) | engine uncompiled tokens/s | engine compiled tokens/s | "
+             "ratio uncompiled | ratio compiled | ms/step uncompiled → compiled | first call s (uncompiled, compiled) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results["rows"]:
+        first = results["first_call_s"][r["shape"]]
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['naive_tokens_per_s']:,.0f} ({r['naive_timed_tokens']}) | "
+                     f"{r['engine_uncompiled_tokens_per_s']:,.0f} | {r['engine_compiled_tokens_per_s']:,.0f} | "
+                     f"{r['ratio_uncompiled']:.1f}x | {r['ratio_compiled']:.1f}x | {r['uncompiled_ms_per_step']} → "
+                     f"{r['compiled_ms_per_step']} | {first['uncompiled']}, {first['compiled']} |")
+    print("\n".join(lines))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["qwen2-1.5b", "baichuan2-7b"])
@@ -160,7 +217,12 @@ def main():
     p.add_argument("--tokenizer", default="shared/assets/tokenizers/baichuan2")
     p.add_argument("--data", default="shared/data/csl/clge_val.tsv")
     p.add_argument("--out", default="generate_throughput.json")
+    p.add_argument("--quick", action="store_true",
+                   help="batch 1 and 64 x 256 new tokens, naive vs engine compiled vs uncompiled (~4 min on an H200; "
+                        "naive timed over --naive-tokens, default 32 here)")
     args = p.parse_args()
+    if args.quick and args.naive_tokens == 64:
+        args.naive_tokens = 32
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hardware = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     results = {"hardware": hardware, "torch": torch.__version__, "args": vars(args), "rows": [], "equality": {}}
@@ -168,6 +230,8 @@ def main():
 
     results["transformers"] = transformers.__version__
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        return quick(args, results)
     for shape in args.shapes:
         overrides = {"num_hidden_layers": args.layers} if args.layers else {}
         model = build_model(shape, device=device, dtype=torch.bfloat16, **overrides)

@@ -10,7 +10,7 @@ decode step of each (batch bucket, length bucket) is captured once as a CUDA gra
 step instead of hundreds of kernel launches from Python, which is what bounds `generate` at small batches. Sampling
 (sampling.py, per-row settings) is part of the graph, and the step's inputs stay on the device, so a step costs
 the host one replay and one read of the chosen tokens. On CUDA the model's decode step is also compiled with
-torch.compile (inductor) before capture, for inference-only models (`compile=` to force it on or off): it fuses the
+torch.compile (inductor) before capture (`compile=False` for a model being trained): it fuses the
 dozens of small kernels per layer that calling the model's own modules costs; batch and cache length are dynamic
 dimensions, so one compilation serves every bucket. A compilation failure logs one line and the engine goes on
 uncompiled. On CPU the same code runs eagerly (compiled only when asked).
@@ -164,10 +164,9 @@ class Engine:
         # bitsandbytes layers stay eager: their kernels are not known to be graph-safe
         quantized = any("bitsandbytes" in type(m).__module__ for m in inner.modules())
         self.cuda_graphs = on_cuda and not quantized if cuda_graphs is None else cuda_graphs and on_cuda
-        # torch.compile by default only for inference-only models in CUDA graphs: a model being trained (the
-        # evaluator) would pay the compilation at every evaluation
-        frozen = not any(p.requires_grad for p in inner.parameters())
-        self.compile = self.cuda_graphs and frozen if compile is None else compile
+        # torch.compile by default wherever CUDA graphs run; a model being trained passes compile=False (the
+        # evaluator would pay the compilation at every evaluation)
+        self.compile = self.cuda_graphs if compile is None else compile
         # a compiled step keeps batch >= 2 (a batch dimension of 1 would be compiled separately): one spare slot
         self.slots = max(max_batch, 2) if self.compile else max_batch
         self.cached = CachedModel(model, self.slots, self.max_len)

@@ -60,7 +60,9 @@ def generate_each(model, tokenizer, template, samples, on_response, *, batch_siz
         gen = dict(gen_kwargs)
         max_new = gen.pop("max_new_tokens", None) or getattr(model.generation_config, "max_new_tokens", None) or 20
         params = resolve_sampling(model, **gen)
-        engine = Engine(model, max_batch=min(batch_size, len(prompts)), max_len=len(prompts[order[0]]) + max_new)
+        # a model in training (the ROUGE evaluator) is not compiled: each evaluation would compile again
+        engine = Engine(model, max_batch=min(batch_size, len(prompts)), max_len=len(prompts[order[0]]) + max_new,
+                        compile=False if was_training else None)
         index = {}
         for i in order:
             index[id(engine.add(Request(prompts[i], max_new, params, stop_ids=stops)))] = i
