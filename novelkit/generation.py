@@ -1,4 +1,6 @@
-"""Batched generation with transformers' `generate`: prompts sorted by length, left padding, results in input order."""
+"""Batched generation for prediction, evaluation and the pretraining evaluation: through the engine (engine.py:
+continuous batching over a static KV cache, CUDA graphs on GPU), prompts longest first, results in input order.
+Models the engine cannot run go through transformers' `generate` in left-padded batches, as before."""
 
 from __future__ import annotations
 
@@ -22,24 +24,67 @@ def generation_kwargs(model, max_new_tokens=None, do_sample=None, temperature=No
     return {k: v for k, v in out.items() if v is not None}
 
 
-@torch.inference_mode()
 def generate_responses(model, tokenizer, template, samples, *, batch_size=8, progress=True,
                        **gen_kwargs) -> list[str]:
     """One response per sample (decoded, special tokens dropped), in the order of `samples`."""
+    out: list[str] = [""] * len(samples)
+
+    def keep(i, text):
+        out[i] = text
+
+    generate_each(model, tokenizer, template, samples, keep, batch_size=batch_size, progress=progress, **gen_kwargs)
+    return out
+
+
+@torch.inference_mode()
+def generate_each(model, tokenizer, template, samples, on_response, *, batch_size=8, progress=True,
+                  **gen_kwargs) -> None:
+    """Calls on_response(index, response) for every sample as soon as its response is finished. `batch_size`:
+    sequences decoded together (the engine's slots; a finished one's slot takes the next prompt at once)."""
+    from .engine import Engine, Request
+    from .engine_model import fast_path_problem
+    from .sampling import resolve_sampling
+
     prompts = [encode_prompt(tokenizer, template, s) for s in samples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     stops = stop_token_ids(tokenizer, template)
-    device = next(model.parameters()).device
+    if not prompts:
+        return
     was_training = model.training
     model.eval()
-    out: list[str] = [""] * len(prompts)
+    try:
+        if fast_path_problem(model):
+            _generate_with_hf(model, tokenizer, prompts, order, stops, on_response, batch_size, progress,
+                              **gen_kwargs)
+            return
+        gen = dict(gen_kwargs)
+        max_new = gen.pop("max_new_tokens", None) or getattr(model.generation_config, "max_new_tokens", None) or 20
+        params = resolve_sampling(model, **gen)
+        # a model in training (the ROUGE evaluator) is not compiled: each evaluation would compile again
+        engine = Engine(model, max_batch=min(batch_size, len(prompts)), max_len=len(prompts[order[0]]) + max_new,
+                        compile=False if was_training else None)
+        index = {}
+        for i in order:
+            index[id(engine.add(Request(prompts[i], max_new, params, stop_ids=stops)))] = i
+        with tqdm(total=len(prompts), desc="generate", disable=not progress) as bar:
+            while engine.busy:
+                for r in engine.step():
+                    on_response(index[id(r)], _response_text(tokenizer, r.tokens, stops))
+                    bar.update(1)
+    finally:
+        model.train(was_training)
+
+
+def _response_text(tokenizer, tokens, stops) -> str:
+    cut = next((n for n, t in enumerate(tokens) if t in stops), len(tokens))
+    return tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
+
+
+def _generate_with_hf(model, tokenizer, prompts, order, stops, on_response, batch_size, progress, **gen_kwargs):
+    device = next(model.parameters()).device
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
         idx = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], tokenizer.pad_token_id).items()}
         generated = model.generate(**batch, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
         for row, i in enumerate(idx):
-            new = generated[row, batch["input_ids"].shape[1]:].tolist()
-            cut = next((n for n, t in enumerate(new) if t in stops), len(new))
-            out[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
-    model.train(was_training)
-    return out
+            on_response(i, _response_text(tokenizer, generated[row, batch["input_ids"].shape[1]:].tolist(), stops))

@@ -1,8 +1,9 @@
-"""One generation thread that serves queued requests in turn, streaming text as it is produced.
+"""One generation thread that serves queued requests together, streaming text as it is produced.
 
 The server submits a request and reads its events (Started, Text…, then Finished or Failed). Everything that touches
-the model or the tokenizer runs on the worker thread, one request at a time, so neither needs to be thread-safe.
-`stream_generate` is the part a faster engine (continuous batching) replaces.
+the model or the tokenizer runs on the worker thread, so neither needs to be thread-safe; that thread runs the
+engine (engine.py) with continuous batching: up to `max_batch` requests decode together, joining and leaving
+between steps. `stream_generate` is the one-request form the web demo and the interactive mode use.
 """
 
 from __future__ import annotations
@@ -10,15 +11,14 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import weakref
 from dataclasses import dataclass, field
 
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
-
+from .engine import Engine, Request
 from .formats import Sample
 from .generation import generation_kwargs
 from .loading import max_positions
+from .sampling import resolve_sampling
 from .templates import encode_prompt, get_template, stop_token_ids
 
 PLAIN = get_template("plain")  # completions: the prompt text as it is
@@ -61,69 +61,32 @@ class RequestError(ValueError):
     """A request this model cannot serve, e.g. longer than its context."""
 
 
-class _TextStreamer(BaseStreamer):
-    """Receives token ids from generate; sends text that is final: not half of a multi-byte character, not a
-    possible start of a stop string. Ends generation at a stop token or stop string."""
-
-    def __init__(self, tokenizer, stop_ids, stop_strings, on_text):
-        self.tokenizer, self.stop_ids, self.on_text = tokenizer, set(stop_ids), on_text
-        self.stop_strings = [s for s in stop_strings if s]
-        self.ids: list[int] = []
-        self.sent = 0  # characters already sent
-        self.stopped = False
-        self._prompt_seen = False
-
-    def put(self, value):
-        if not self._prompt_seen:  # generate passes the prompt first
-            self._prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            if self.stopped:
-                return
-            self.ids.append(token)
-            self.stopped = token in self.stop_ids
-        self._flush(final=self.stopped)
-
-    def end(self):
-        self._flush(final=True)
-
-    def _flush(self, final: bool):
-        ids = self.ids[:-1] if self.ids and self.ids[-1] in self.stop_ids else self.ids
-        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        cuts = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
-        if cuts:
-            text, self.stopped, final = text[: min(cuts)], True, True
-        end = len(text)
-        if not final:
-            end = len(text.rstrip("\ufffd"))  # byte-fallback pieces of a character not yet complete
-            end -= max((k for s in self.stop_strings for k in range(1, len(s)) if text[:end].endswith(s[:k])),
-                       default=0)
-        if end > self.sent:
-            self.on_text(text[self.sent:end])
-            self.sent = end
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
 
 
-class _Halt(StoppingCriteria):
-    def __init__(self, should_stop):
-        self.should_stop = should_stop
+def _engine_for(model, tokenizer) -> Engine:
+    """One single-slot engine per model, kept (its KV cache and CUDA graphs) for the next call."""
+    engine = _ENGINES.get(model)
+    if engine is None or engine.tokenizer is not tokenizer:
+        engine = _ENGINES[model] = Engine(model, tokenizer, max_batch=1)
+    return engine
 
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
-
-@torch.inference_mode()
 def stream_generate(model, tokenizer, prompt_ids: list[int], *, stop_ids, stop_strings=(), on_text,
-                    cancelled=lambda: False, **gen_kwargs) -> tuple[str, int]:
-    """Generate from one prompt, calling on_text(piece) as text becomes final. Returns (finish_reason, tokens
-    generated): "stop" when a stop token or stop string ended it, else "length"."""
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([prompt_ids], device=device)
-    streamer = _TextStreamer(tokenizer, stop_ids, stop_strings, on_text)
-    halt = _Halt(lambda: streamer.stopped or cancelled())
-    model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), eos_token_id=list(stop_ids),
-                   pad_token_id=tokenizer.pad_token_id, streamer=streamer,
-                   stopping_criteria=StoppingCriteriaList([halt]), **gen_kwargs)
-    return ("stop" if streamer.stopped else "length"), len(streamer.ids)
+                    cancelled=lambda: False, seed=None, **gen_kwargs) -> tuple[str, int]:
+    """Generate from one prompt through the engine, calling on_text(piece) as text becomes final. Returns
+    (finish_reason, tokens generated): "stop" when a stop token or stop string ended it, else "length"."""
+    engine = _engine_for(model, tokenizer)
+    params = resolve_sampling(model, seed=seed, **{k: gen_kwargs.get(k) for k in SAMPLING_KEYS})
+    max_new = gen_kwargs.get("max_new_tokens") or 512
+    r = engine.add(Request(list(prompt_ids), max_new, params, stop_ids=list(stop_ids), stop_strings=list(stop_strings),
+                           on_text=on_text))
+    while not r.finished:
+        if cancelled():
+            engine.cancel(r)
+        engine.step()
+    return ("stop" if r.finish_reason == "stop" else "length"), len(r.tokens)
 
 
 class Job:
@@ -154,13 +117,17 @@ class Job:
 
 
 class GenerationWorker:
-    """A queue of jobs and the thread that runs them one at a time."""
+    """A queue of jobs and the thread that serves them: continuous batching over the engine, so requests join
+    (prefill into a free slot) and leave (finished, stopped or cancelled) between decode steps."""
 
-    def __init__(self, model, tokenizer, template, default_max_tokens: int = 512):
+    def __init__(self, model, tokenizer, template, default_max_tokens: int = 512, max_batch: int = 16,
+                 max_len: int | None = None):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.default_max_tokens = default_max_tokens
-        self.context = max_positions(model.config)
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_len or max_positions(model.config))
+        self.context = self.engine.max_len
         self._jobs: queue.Queue = queue.Queue()
+        self._running: dict[int, tuple[Job, Request]] = {}
         threading.Thread(target=self._run, name="generation", daemon=True).start()
 
     def submit(self, request: GenerationRequest) -> Job:
@@ -170,15 +137,41 @@ class GenerationWorker:
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job.cancelled.is_set():
-                continue
+            if not self.engine.busy:  # idle: wait for work
+                self._start(self._jobs.get())
+            while not self._jobs.empty():
+                self._start(self._jobs.get_nowait())
+            for job, request in self._running.values():
+                if job.cancelled.is_set():
+                    self.engine.cancel(request)
             try:
-                self._generate(job)
-            except RequestError as e:
-                job.emit(Failed(400, str(e)))
-            except Exception as e:  # a failed generation must not take the server down
-                job.emit(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
+                finished = self.engine.step()
+            except Exception as e:  # a failed step must not take the server down: fail what was running
+                for job, _ in self._running.values():
+                    job.emit(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
+                self._running.clear()
+                self.engine.pending.clear()
+                self.engine.active.clear()
+                continue
+            for request in finished:
+                job, _ = self._running.pop(id(request))
+                if request.finish_reason != "cancelled":
+                    job.emit(Finished(request.finish_reason, len(request.tokens)))
+
+    def _start(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        try:
+            request = self._request(job)
+            self.engine.add(request)
+        except (RequestError, ValueError) as e:
+            job.emit(Failed(400, str(e)))
+            return
+        except Exception as e:
+            job.emit(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
+            return
+        job.emit(Started(len(request.prompt)))
+        self._running[id(request)] = (job, request)
 
     def _max_new_tokens(self, prompt_tokens: int, requested: int | None) -> int:
         room = self.context - prompt_tokens
@@ -191,19 +184,13 @@ class GenerationWorker:
                                f"context of {self.context} tokens")
         return requested
 
-    def _generate(self, job: Job) -> None:
+    def _request(self, job: Job) -> Request:
         r = job.request
         template = self.template if r.chat else PLAIN
         prompt = encode_prompt(self.tokenizer, template, r.sample)
         max_new_tokens = self._max_new_tokens(len(prompt), r.max_tokens)
-        job.emit(Started(len(prompt)))
         sampling = None if r.temperature is None and r.top_p is None else r.temperature != 0
-        gen = generation_kwargs(self.model, max_new_tokens=max_new_tokens, do_sample=sampling,
-                                temperature=r.temperature or None, top_p=r.top_p)
-        if r.seed is not None:
-            torch.manual_seed(r.seed)
-        finish, tokens = stream_generate(self.model, self.tokenizer, prompt,
-                                         stop_ids=stop_token_ids(self.tokenizer, template), stop_strings=r.stop,
-                                         on_text=lambda text: job.emit(Text(text)), cancelled=job.cancelled.is_set,
-                                         **gen)
-        job.emit(Finished(finish, tokens))
+        gen = generation_kwargs(self.model, do_sample=sampling, temperature=r.temperature or None, top_p=r.top_p)
+        params = resolve_sampling(self.model, seed=r.seed, **{k: gen.get(k) for k in SAMPLING_KEYS})
+        return Request(prompt, max_new_tokens, params, stop_ids=stop_token_ids(self.tokenizer, template),
+                       stop_strings=list(r.stop), on_text=lambda text: job.emit(Text(text)))

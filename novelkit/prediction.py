@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
 from .formats import Sample, detect_format, to_sample
-from .generation import generate_responses, generation_kwargs
+from .generation import generate_each, generate_responses, generation_kwargs
 from .loading import adapter_base_path, load_model, load_tokenizer
 from .ner_metrics import entity_scores, is_ner_answer
 from .outputs import write_json_atomic, write_jsonl_atomic
 from .readers import iter_records
 from .rouge import DEFINITIONS, LEVELS, corpus_rouge, rouge_table
-from .templates import default_template_name, encode_prompt, get_template
+from .templates import default_template_name, get_template
 
 RESPONSE_FIELDS = {"alpaca": "output", "instruct": "answer", "input_label": "label"}  # filled in submission mode
 
@@ -165,23 +165,18 @@ class PredictionLog:
 
 
 def generate_missing(model, tokenizer, template, samples, log: PredictionLog, *, batch_size: int, **gen) -> int:
-    """Generate the records `log` lacks. Batches are fixed over all records (longest prompts first) and a batch
-    with any record missing is generated whole, so every response comes from the batch it would have had anyway."""
-    lengths = [len(encode_prompt(tokenizer, template, s)) for s in samples]
-    order = sorted(range(len(samples)), key=lambda i: (-lengths[i], i))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    generated = 0
+    """Generate the records `log` lacks, each written to it as soon as it is finished. The engine gives every
+    sequence its own cache slot and positions, so a response does not depend on which records share its batch
+    (tests/test_engine.py: the same tokens alone and batched): a resumed run gives the uninterrupted run's result."""
+    missing = [i for i in range(len(samples)) if i not in log.done]
     with tqdm(total=len(samples), initial=len(log.done), desc="predict") as bar:
-        for batch in batches:
-            if all(i in log.done for i in batch):
-                continue
-            responses = generate_responses(model, tokenizer, template, [samples[i] for i in batch],
-                                           batch_size=len(batch), progress=False, **gen)
-            rows = [log.row(i, r) for i, r in zip(batch, responses) if i not in log.done]
-            log.append(rows)
-            generated += len(rows)
-            bar.update(len(rows))
-    return generated
+        def record(k, response):
+            log.append([log.row(missing[k], response)])
+            bar.update(1)
+
+        generate_each(model, tokenizer, template, [samples[i] for i in missing], record, batch_size=batch_size,
+                      progress=False, **gen)
+    return len(missing)
 
 
 def score_responses(responses: list[str], references: list[str]) -> dict:
@@ -255,11 +250,11 @@ def predict_file(model, tokenizer, template, args, records=None, samples=None, f
 
 def interactive(model, tokenizer, template, args, read=input) -> None:
     """Prompts from the terminal, responses streamed as they are generated. An empty line or Ctrl-D ends."""
-    from transformers import TextStreamer
+    from .generation_worker import stream_generate
+    from .templates import encode_prompt, stop_token_ids
 
     gen = generation_settings(model, args)
     chat = template if args.with_prompt else get_template("plain")
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     how = "wrapped in the chat template" if args.with_prompt else "continued as raw text (--with_prompt: chat)"
     print(f"Type a prompt and press Enter; it is {how}. An empty line or Ctrl-D ends.", flush=True)
     while True:
@@ -270,5 +265,7 @@ def interactive(model, tokenizer, template, args, read=input) -> None:
         if not text.strip():
             break
         print("Response: ", end="", flush=True)
-        generate_responses(model, tokenizer, chat, [Sample(prompt=text, response="")], batch_size=1,
-                           progress=False, streamer=streamer, **gen)
+        stream_generate(model, tokenizer, encode_prompt(tokenizer, chat, Sample(prompt=text, response="")),
+                        stop_ids=stop_token_ids(tokenizer, chat), on_text=lambda t: print(t, end="", flush=True),
+                        **gen)
+        print(flush=True)

@@ -4,7 +4,8 @@
 
 /v1/models, /v1/completions and /v1/chat/completions, streamed (server-sent events) or not; chat goes through the
 model's chat template. Binds 127.0.0.1 unless --host says otherwise; with --api_key (or $NOVELKIT_API_KEY) every
-request needs `Authorization: Bearer <key>`. Requests queue for one generation worker.
+request needs `Authorization: Bearer <key>`. Requests are batched continuously by one generation worker (up to
+--max_batch at once, joining and leaving between decode steps).
 """
 
 from __future__ import annotations
@@ -172,6 +173,9 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=8000, help="0 = any free port (printed at start)")
     p.add_argument("--api_key", default="", help="required Bearer token; default $NOVELKIT_API_KEY, else none")
     p.add_argument("--max_tokens", type=int, default=512, help="when a request gives none")
+    p.add_argument("--max_batch", type=int, default=16, help="requests decoded together (KV cache slots)")
+    p.add_argument("--max_len", type=int, default=0, help="prompt + response tokens per request; 0 = the model's "
+                   "context (the KV cache holds max_batch x max_len)")
     p.add_argument("--dtype", default="auto")
     return p.parse_args(argv)
 
@@ -191,7 +195,8 @@ def main(argv=None):
     tokenizer = load_tokenizer(model_path)
     template_name = args.template or default_template_name(tokenizer, model.config)
     name = args.served_model_name or Path(args.lora_model or model_path or "default").name
-    worker = GenerationWorker(model, tokenizer, get_template(template_name), default_max_tokens=args.max_tokens)
+    worker = GenerationWorker(model, tokenizer, get_template(template_name), default_max_tokens=args.max_tokens,
+                              max_batch=args.max_batch, max_len=args.max_len or None)
     sampling = {k: v for k, v in generation_kwargs(model).items() if k != "max_new_tokens"}
     print(f"[serve] {name}: template {template_name}, sampling defaults {sampling}, API key "
           f"{'required' if api_key else 'not required'}", flush=True)

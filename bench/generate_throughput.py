@@ -1,0 +1,288 @@
+"""Generation throughput: our engine (novelkit/engine.py) against plain transformers `generate`, in one run.
+
+    python bench/generate_throughput.py --out results.json                       # the full table (GPU, ~6 min)
+    python bench/generate_throughput.py --layers 4 --batches 1 64 --new-tokens 64 --tianchi 0   # a quick smoke
+    python bench/generate_throughput.py --quick      # batch 1/64 x 256: naive, engine compiled and uncompiled (~4 min)
+
+Random-initialised models of real shapes (bench/shapes.py), bf16, 64-token random prompts, sampling with the same
+settings for both (temperature 0.7, top_p 0.9, top_k off), EOS ignored so every sequence makes exactly N tokens.
+Tokens/s = batch x N / wall time of the whole call (prefill included), after one untimed warm-up of the same call
+(for the engine that warm-up captures its CUDA graphs). The naive side is slow, so it is timed over
+min(N, --naive-tokens) new tokens; its per-step cost grows with the sequence, so its rate over fewer tokens is
+an upper bound and the ratio a lower bound.
+
+Also: the 1,000-prompt title -> abstract submission (CSL titles with an instruction, tokenized with Baichuan 2's
+tokenizer; 800 new tokens each) on the Baichuan2-7B shape, timed end to end through the engine, the naive time
+extrapolated from the naive rate measured at batch 64; and greedy bf16 equality of the engine with `generate`
+(first differing position and the gap between the two best logits there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.shapes import build_model, parameter_count  # noqa: E402
+from novelkit.engine import Engine, Request  # noqa: E402
+from novelkit.sampling import SamplingParams  # noqa: E402
+
+SAMPLING = dict(temperature=0.7, top_p=0.9, top_k=0)
+PROMPT = 64
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _prompts(batch, vocab, length=PROMPT, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1000, vocab - 1000, (batch, length), generator=g)
+
+
+def time_naive(model, prompts, new_tokens):
+    ids = prompts.to(model.device)
+    call = lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,  # noqa: E731
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                                  pad_token_id=0, **SAMPLING)
+    call()  # warm-up
+    _sync()
+    start = time.perf_counter()
+    out = call()
+    _sync()
+    seconds = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return seconds
+
+
+def time_engine(model, prompts, new_tokens, cuda_graphs=True, max_batch=None, engine=None):
+    engine = engine or Engine(model, max_batch=max_batch or len(prompts), max_len=prompts.shape[1] + new_tokens,
+                              cuda_graphs=cuda_graphs)
+    params = SamplingParams(do_sample=True, **SAMPLING)
+    make = lambda: [Request(p.tolist(), new_tokens, params, ignore_eos=True) for p in prompts]  # noqa: E731
+    engine.run(make())  # warm-up: captures the graphs of every (batch, length) bucket this call meets
+    _sync()
+    start = time.perf_counter()
+    done = engine.run(make())
+    _sync()
+    seconds = time.perf_counter() - start
+    assert all(len(r.tokens) == new_tokens for r in done)
+    return seconds
+
+
+def step_profile(model, batch, steps=50):
+    """Milliseconds per engine step (graph replay + sampling + host bookkeeping) against a bare replay of the
+    same graph: the difference is what the host adds per step."""
+    engine = Engine(model, max_batch=batch, max_len=PROMPT + 300)
+    params = SamplingParams(do_sample=True, **SAMPLING)
+    for p in _prompts(batch, model.config.vocab_size):
+        engine.add(Request(p.tolist(), 300, params, ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    _sync()
+    step_ms = (time.perf_counter() - start) / steps * 1000
+    graph = next(iter(engine.graphs.values()))[0]
+    start = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    _sync()
+    replay_ms = (time.perf_counter() - start) / steps * 1000
+    return {"batch": batch, "step_ms": round(step_ms, 3), "replay_ms": round(replay_ms, 3)}
+
+
+def greedy_equality(model, prompts, new_tokens, engine=None):
+    """Per prompt: first position where the engine's greedy tokens differ from generate's, and generate's top-2
+    logit gap there (a near-tie explains a bf16 divergence)."""
+    rows = []
+    engine = engine or Engine(model, max_batch=len(prompts), max_len=prompts.shape[1] + new_tokens)
+    ours = engine.run([Request(p.tolist(), new_tokens) for p in prompts])
+    for p, r in zip(prompts, ours):
+        ids = p[None].to(model.device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
+                             output_scores=True, return_dict_in_generate=True)
+        theirs = out.sequences[0, ids.shape[1]:].tolist()
+        first = next((i for i, (a, b) in enumerate(zip(r.tokens, theirs)) if a != b), None)
+        row = {"equal_tokens": first is None, "first_difference": first}
+        if first is not None:
+            top2 = out.scores[first][0].float().topk(2).values
+            spread = out.scores[first][0].float().std().item()
+            row.update(top2_gap=round((top2[0] - top2[1]).item(), 4), logit_std=round(spread, 4))
+        rows.append(row)
+    return rows
+
+
+def tianchi(model, tokenizer_dir, data, max_batch, new_tokens):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(Path(tokenizer_dir) / "tokenizer.model"))
+    titles = [line.split("\t")[0] for line in Path(data).read_text(encoding="utf-8").splitlines() if line.strip()]
+    lengths = [len(sp.encode("请根据论文标题写出摘要。\n标题：" + t)) + 2 for t in titles]  # + the two chat markers
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1000, vocab - 1000, (n,), generator=g).tolist() for n in lengths]
+    engine = Engine(model, max_batch=max_batch, max_len=max(lengths) + new_tokens)
+    params = SamplingParams(do_sample=True, **SAMPLING)
+    warm = [Request(p, new_tokens, params, ignore_eos=True) for p in prompts[:max_batch]]
+    engine.run(warm)
+    _sync()
+    start = time.perf_counter()
+    engine.run([Request(p, new_tokens, params, ignore_eos=True) for p in prompts])
+    _sync()
+    seconds = time.perf_counter() - start
+    return {"prompts": len(prompts), "mean_prompt_tokens": round(sum(lengths) / len(lengths), 1),
+            "new_tokens": new_tokens, "max_batch": max_batch, "engine_seconds": round(seconds, 1),
+            "engine_tokens_per_s": round(len(prompts) * new_tokens / seconds)}
+
+
+def quick(args, results):
+    """--quick: per shape, batch 1 and 64 x 256 new tokens; naive `generate`, the engine compiled and the engine
+    uncompiled (CUDA graphs both), each engine built once (64 slots) and reused for both batches and for the greedy
+    check, so the compiled one compiles once; its first call's extra time over the uncompiled one's is the
+    compilation."""
+    new = 256
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for shape in args.shapes:
+        overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+        model = build_model(shape, device=device, dtype=torch.bfloat16, **overrides)
+        vocab = model.config.vocab_size
+        print(f"== {shape}: {parameter_count(model) / 1e9:.2f} B parameters", flush=True)
+        engines = {}
+        for name, compiled in (("compiled", True), ("uncompiled", False)):
+            engine = Engine(model, max_batch=64, max_len=PROMPT + new, compile=compiled)
+            start = time.perf_counter()  # first call: compilation (compiled) and capture of 2 length buckets
+            engine.run([Request(p.tolist(), new, ignore_eos=True) for p in _prompts(2, vocab)])
+            _sync()
+            first_s = time.perf_counter() - start
+            engines[name] = engine
+            still = engine.compiled is not None
+            results.setdefault("first_call_s", {}).setdefault(shape, {})[name] = round(first_s, 1)
+            print(f"{name}: first call {first_s:.1f} s (compiled step in use: {still})", flush=True)
+            if compiled and not still:
+                results.setdefault("compile_fell_back", []).append(shape)
+        results["equality"][shape] = greedy_equality(model, _prompts(4, vocab, seed=7), 64, engines["compiled"])
+        print("greedy equality:", results["equality"][shape], flush=True)
+        for batch in (1, 64):
+            prompts = _prompts(batch, vocab)
+            naive_n = args.naive_tokens
+            naive_rate = batch * naive_n / time_naive(model, prompts, naive_n)
+            row = {"shape": shape, "batch": batch, "new_tokens": new, "naive_tokens_per_s": naive_rate,
+                   "naive_timed_tokens": naive_n}
+            for name, engine in engines.items():
+                rate = batch * new / time_engine(model, prompts, new, engine=engine)
+                row[f"engine_{name}_tokens_per_s"] = rate
+                row[f"ratio_{name}"] = rate / naive_rate
+                row[f"{name}_ms_per_step"] = round(batch / rate * 1000, 3)
+            row["engine_tokens_per_s"], row["ratio"] = row["engine_compiled_tokens_per_s"], row["ratio_compiled"]
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))
+        del engines, model
+        torch.cuda.empty_cache() if device == "cuda" else None
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    lines = ["| shape | batch | naive tokens/s (over N) | engine uncompiled tokens/s | engine compiled tokens/s | "
+             "ratio uncompiled | ratio compiled | ms/step uncompiled → compiled | first call s (uncompiled, compiled) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results["rows"]:
+        first = results["first_call_s"][r["shape"]]
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['naive_tokens_per_s']:,.0f} ({r['naive_timed_tokens']}) | "
+                     f"{r['engine_uncompiled_tokens_per_s']:,.0f} | {r['engine_compiled_tokens_per_s']:,.0f} | "
+                     f"{r['ratio_uncompiled']:.1f}x | {r['ratio_compiled']:.1f}x | {r['uncompiled_ms_per_step']} → "
+                     f"{r['compiled_ms_per_step']} | {first['uncompiled']}, {first['compiled']} |")
+    print("\n".join(lines))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=["qwen2-1.5b", "baichuan2-7b"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
+    p.add_argument("--new-tokens", nargs="+", type=int, default=[256, 800])
+    p.add_argument("--naive-tokens", type=int, default=64, help="naive generate is timed over at most this many")
+    p.add_argument("--layers", type=int, default=0, help="override num_hidden_layers (0: the shape's own)")
+    p.add_argument("--eager-check", action="store_true", help="also time the engine without CUDA graphs")
+    p.add_argument("--tianchi", type=int, default=1, help="1: time the 1,000-prompt submission (Baichuan2-7B)")
+    p.add_argument("--tianchi-batch", type=int, default=128)
+    p.add_argument("--tokenizer", default="shared/assets/tokenizers/baichuan2")
+    p.add_argument("--data", default="shared/data/csl/clge_val.tsv")
+    p.add_argument("--out", default="generate_throughput.json")
+    p.add_argument("--quick", action="store_true",
+                   help="batch 1 and 64 x 256 new tokens, naive vs engine compiled vs uncompiled (~4 min on an H200; "
+                        "naive timed over --naive-tokens, default 32 here)")
+    args = p.parse_args()
+    if args.quick and args.naive_tokens == 64:
+        args.naive_tokens = 32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hardware = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    results = {"hardware": hardware, "torch": torch.__version__, "args": vars(args), "rows": [], "equality": {}}
+    import transformers
+
+    results["transformers"] = transformers.__version__
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        return quick(args, results)
+    for shape in args.shapes:
+        overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+        model = build_model(shape, device=device, dtype=torch.bfloat16, **overrides)
+        params_b = parameter_count(model) / 1e9
+        print(f"== {shape}: {params_b:.2f} B parameters", flush=True)
+        results["equality"][shape] = greedy_equality(model, _prompts(4, model.config.vocab_size, seed=7), 64)
+        print("greedy equality:", results["equality"][shape], flush=True)
+        if device == "cuda":
+            results.setdefault("profile", {})[shape] = [step_profile(model, b) for b in args.batches]
+            print("step profile:", results["profile"][shape], flush=True)
+        naive_rate = {}
+        for batch in args.batches:
+            prompts = _prompts(batch, model.config.vocab_size)
+            naive_n = min(args.naive_tokens, max(args.new_tokens))
+            naive_s = time_naive(model, prompts, naive_n)
+            naive_rate[batch] = batch * naive_n / naive_s
+            for new in args.new_tokens:
+                torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
+                seconds = time_engine(model, prompts, new)
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+                row = {"shape": shape, "batch": batch, "new_tokens": new, "engine_tokens_per_s": batch * new / seconds,
+                       "naive_tokens_per_s": naive_rate[batch], "naive_timed_tokens": naive_n,
+                       "ratio": batch * new / seconds / naive_rate[batch], "engine_peak_gib": round(peak, 1)}
+                if args.eager_check and new == min(args.new_tokens):
+                    row["engine_eager_tokens_per_s"] = batch * new / time_engine(model, prompts, new, cuda_graphs=False)
+                results["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                Path(args.out).write_text(json.dumps(results, indent=2))  # partial results survive a timeout
+        if args.tianchi and shape == "baichuan2-7b":
+            t = tianchi(model, ROOT / args.tokenizer, ROOT / args.data, args.tianchi_batch, 800)
+            rate = naive_rate.get(64) or naive_rate[max(naive_rate)]
+            t["naive_seconds_extrapolated"] = round(t["prompts"] * t["new_tokens"] / rate, 1)
+            t["naive_rate_used"] = round(rate, 1)
+            results["tianchi"] = t
+            print("tianchi:", t, flush=True)
+        del model
+        torch.cuda.empty_cache() if device == "cuda" else None
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(table(results))
+
+
+def table(results) -> str:
+    lines = ["| shape | batch | new tokens | naive tokens/s (timed over) | engine tokens/s | ratio | engine peak GiB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['new_tokens']} | {r['naive_tokens_per_s']:,.0f} "
+                     f"({r['naive_timed_tokens']}) | {r['engine_tokens_per_s']:,.0f} | {r['ratio']:.1f}x | "
+                     f"{r['engine_peak_gib']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

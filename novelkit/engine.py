@@ -1,0 +1,405 @@
+"""One generation engine for prediction, evaluation, the server and the web demo.
+
+    engine = Engine(model, tokenizer, max_batch=64, max_len=2048)
+    done = engine.run([Request(prompt_ids, max_new_tokens=256, sampling=SamplingParams(), stop_ids=[2])])
+    # or, continuous batching: engine.add(request) at any time, engine.step() until request.finished
+
+A static KV cache of `max_batch` slots x `max_len` positions (engine_model.py); each request prefills into a free
+slot and decodes one token per step at its own position, so requests join and leave between steps. On CUDA the
+decode step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed: one launch per
+step instead of hundreds of kernel launches from Python, which is what bounds `generate` at small batches. Sampling
+(sampling.py, per-row settings) is part of the graph, and the step's inputs stay on the device, so a step costs
+the host one replay and one read of the chosen tokens. On CUDA the model's decode step is also compiled with
+torch.compile (inductor) before capture (`compile=False` for a model being trained): it fuses the
+dozens of small kernels per layer that calling the model's own modules costs; batch and cache length are dynamic
+dimensions, so one compilation serves every bucket. A compilation failure logs one line and the engine goes on
+uncompiled. On CPU the same code runs eagerly (compiled only when asked).
+
+Models the fast path cannot run (engine_model.fast_path_problem) go through transformers' `generate`, one request
+at a time, behind the same API.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from transformers import StoppingCriteria
+
+from .engine_model import CachedModel, fast_path_problem, unwrap
+from .sampling import Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+LENGTH_BUCKET = 256  # decode attention reads the cache up to a multiple of this: few graphs, little wasted reading
+PREFILL_TOKENS = 16384  # padded prompt tokens per prefill batch: bounds the activation memory of one prefill
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: Sequence[int] = ()
+    stop_strings: Sequence[str] = ()
+    ignore_eos: bool = False  # benchmarks: always make max_new_tokens
+    on_text: Callable[[str], None] | None = None  # streaming: called with each piece of final text
+    # filled in by the engine
+    tokens: list[int] = field(default_factory=list)  # generated ids, a closing stop token included
+    text: str | None = None  # the response (stop token / stop string cut off); None without a tokenizer
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    cancelled: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Detokenizer:
+    """Text of the tokens so far, sent on as it becomes final: never half of a multi-byte character (byte-fallback
+    pieces decode to U+FFFD until complete), never a possible start of a stop string. Reports a stop string."""
+
+    def __init__(self, tokenizer, stop_strings, on_text):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.stop_strings = [s for s in stop_strings if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+
+    def add(self, token: int) -> bool:
+        """Adds a token; True when the text now holds a stop string (the text is cut before it)."""
+        self.ids.append(token)
+        return self._update(final=False)
+
+    def close(self) -> str:
+        self._update(final=True)
+        return self.text
+
+    def _update(self, final: bool) -> bool:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        cuts = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
+        if cuts:
+            text, final = text[:min(cuts)], True
+        self.text = text
+        end = len(text)
+        if not final:
+            end = len(text.rstrip("\ufffd"))
+            end -= max((k for s in self.stop_strings for k in range(1, len(s)) if text[:end].endswith(s[:k])),
+                       default=0)
+        if end > self.sent and self.on_text is not None:
+            self.on_text(text[self.sent:end])
+        self.sent = max(self.sent, end)
+        return bool(cuts)
+
+
+class _Sequence:
+    """A request's state while it holds a slot."""
+
+    def __init__(self, request: Request, slot: int, tokenizer):
+        self.request, self.slot = request, slot
+        self.stop_ids = set() if request.ignore_eos else set(request.stop_ids)
+        streaming = request.on_text is not None or request.stop_strings
+        self.detokenizer = Detokenizer(tokenizer, request.stop_strings, request.on_text) \
+            if streaming and tokenizer is not None else None
+
+    @property
+    def position(self) -> int:
+        """Where the last generated token goes in the cache."""
+        return len(self.request.prompt) + len(self.request.tokens) - 1
+
+    def add(self, token: int, tokenizer) -> bool:
+        """Appends a token; True when the request is finished."""
+        r = self.request
+        r.tokens.append(token)
+        reason = None
+        if token in self.stop_ids:
+            reason = "stop"
+        elif self.detokenizer is not None and self.detokenizer.add(token):
+            reason = "stop"
+        elif len(r.tokens) >= r.max_new_tokens:
+            reason = "length"
+        if reason:
+            self.finish(reason, tokenizer)
+        return reason is not None
+
+    def finish(self, reason: str, tokenizer):
+        r = self.request
+        if self.detokenizer is not None:
+            r.text = self.detokenizer.close()
+        elif tokenizer is not None:
+            ids = r.tokens[:-1] if r.tokens and r.tokens[-1] in self.stop_ids else r.tokens
+            r.text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        r.finish_reason = reason
+
+
+def _bucket(n: int, limit: int) -> int:
+    size = 1
+    while size < n:
+        size *= 2
+    return min(size, limit)
+
+
+class Engine:
+    """Continuous batching over a static KV cache (see the module docstring)."""
+
+    def __init__(self, model, tokenizer=None, *, max_batch: int = 64, max_len: int | None = None,
+                 cuda_graphs: bool | None = None, compile: bool | None = None):
+        from .loading import max_positions
+
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch = max_batch
+        self.max_len = max_len or max_positions(unwrap(model).config)  # RoPE and ALiBi extend past the config
+        self.pending: list[Request] = []
+        self.active: dict[int, _Sequence] = {}
+        self.problem = fast_path_problem(model)
+        if self.problem:
+            log.warning("generation engine: %s, so generating through transformers' generate, one request at a "
+                        "time", self.problem)
+            print(f"[engine] fast path unavailable ({self.problem}): using transformers' generate", flush=True)
+            return
+        inner = unwrap(model)
+        on_cuda = inner.get_input_embeddings().weight.device.type == "cuda"
+        # bitsandbytes layers stay eager: their kernels are not known to be graph-safe
+        quantized = any("bitsandbytes" in type(m).__module__ for m in inner.modules())
+        self.cuda_graphs = on_cuda and not quantized if cuda_graphs is None else cuda_graphs and on_cuda
+        # torch.compile by default wherever CUDA graphs run; a model being trained passes compile=False (the
+        # evaluator would pay the compilation at every evaluation)
+        self.compile = self.cuda_graphs if compile is None else compile
+        # a compiled step keeps batch >= 2 (a batch dimension of 1 would be compiled separately): one spare slot
+        self.slots = max(max_batch, 2) if self.compile else max_batch
+        self.cached = CachedModel(model, self.slots, self.max_len)
+        vocab = inner.get_input_embeddings().weight.shape[0]
+        device = self.cached.device
+        self.sampler = Sampler(self.slots, vocab, device)
+        self.compiled = self.cached.compiled_decode() if self.compile else None
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self.token_buffer = torch.zeros(self.slots, dtype=torch.long, device=device)
+        self.position_buffer = torch.zeros(self.slots, dtype=torch.long, device=device)
+
+    # --- the API ------------------------------------------------------------------------------------------------
+    def check(self, prompt_tokens: int, max_new_tokens: int):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if prompt_tokens + max_new_tokens > self.max_len:
+            raise ValueError(f"the prompt's {prompt_tokens} tokens + {max_new_tokens} new tokens are over the "
+                             f"engine's maximum length of {self.max_len} tokens")
+
+    def add(self, request: Request) -> Request:
+        self.check(len(request.prompt), request.max_new_tokens)
+        if not request.prompt:
+            raise ValueError("empty prompt")
+        self.pending.append(request)
+        return request
+
+    def cancel(self, request: Request):
+        """Ends the request at the next step (its slot is freed then)."""
+        request.cancelled = True
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending or self.active)
+
+    def run(self, requests: Sequence[Request]) -> list[Request]:
+        """Adds the requests and steps until all are finished."""
+        for r in requests:
+            self.add(r)
+        while any(not r.finished for r in requests):
+            self.step()
+        return list(requests)
+
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """Admits waiting requests into free slots (prefill), then one decode step for every active request.
+        Returns the requests finished during this step."""
+        if self.problem:
+            return self._fallback_step()
+        finished = self._drop_cancelled()
+        finished += self._admit()
+        if self.active:
+            finished += self._decode()
+        return finished
+
+    # --- scheduling ---------------------------------------------------------------------------------------------
+    def _drop_cancelled(self) -> list[Request]:
+        done = []
+        for r in [r for r in self.pending if r.cancelled]:
+            self.pending.remove(r)
+            r.finish_reason = "cancelled"
+            done.append(r)
+        for slot, seq in list(self.active.items()):
+            if seq.request.cancelled:
+                seq.finish("cancelled", self.tokenizer)
+                done.append(self._release(slot))
+        return done
+
+    def _release(self, slot: int) -> Request:
+        seq = self.active.pop(slot)
+        self.sampler.params[slot] = None
+        return seq.request
+
+    def _admit(self) -> list[Request]:
+        free = [s for s in range(self.max_batch) if s not in self.active]
+        done = []
+        while free and self.pending:
+            take, width = [], 0
+            while self.pending and len(take) < len(free):
+                wider = max(width, len(self.pending[0].prompt))
+                if take and wider * (len(take) + 1) > PREFILL_TOKENS:
+                    break
+                take.append(self.pending.pop(0))
+                width = wider
+            slots, free = free[:len(take)], free[len(take):]
+            logits = self.cached.prefill([r.prompt for r in take], slots)
+            for r, slot in zip(take, slots):
+                self.sampler.set_row(slot, r.sampling, r.prompt)
+            index = torch.tensor(slots, device=self.cached.device)
+            chosen = self.sampler.choose(logits, index, *self.sampler.needs(slots))
+            # the decode step's inputs live on the device: the first token and where it goes
+            self.token_buffer[index] = chosen
+            self.position_buffer[index] = torch.tensor([len(r.prompt) for r in take], device=self.cached.device)
+            for r, slot, token in zip(take, slots, chosen.tolist()):
+                seq = self.active[slot] = _Sequence(r, slot, self.tokenizer)
+                if seq.add(token, self.tokenizer):
+                    done.append(self._release(slot))
+                    free.append(slot)
+            free.sort()
+        return done
+
+    def _decode(self) -> list[Request]:
+        batch = max(self.active) + 1
+        if self.compiled is not None:
+            batch = max(batch, 2)
+        longest = max(seq.position for seq in self.active.values()) + 1
+        sample, penalty, seeded = self.sampler.needs(list(self.active))
+        if self.cuda_graphs and not seeded:
+            length = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, self.max_len)
+            chosen = self._replay(_bucket(batch, self.slots), length, sample, penalty)
+        else:  # CPU, or a row with its own generator (its draw is not capturable)
+            chosen = self._decode_step(batch, longest, sample, penalty, seeded)
+        chosen = chosen.tolist()
+        done = []
+        for slot, seq in list(self.active.items()):
+            if seq.add(chosen[slot], self.tokenizer):
+                done.append(self._release(slot))
+        return done
+
+    def _decode_step(self, batch: int, length: int, sample: bool, penalty: bool, seeded: bool = False):
+        """One token for slots 0..batch-1 from the device-side token and position buffers, which it advances
+        (free slots in the range compute garbage that nothing reads). Returns the chosen tokens (device)."""
+        tokens, positions = self.token_buffer[:batch], self.position_buffer[:batch]
+        logits = self._logits(tokens, positions, length)
+        chosen = self.sampler.choose(logits, slice(0, batch), sample, penalty, seeded)
+        tokens.copy_(chosen)
+        positions.copy_((positions + 1).clamp(max=self.max_len - 1))
+        return tokens
+
+    def _logits(self, tokens, positions, length):
+        if self.compiled is not None:
+            capturing = self.cuda_graphs and torch.cuda.is_current_stream_capturing()
+            try:
+                return self.compiled(tokens, positions, length)
+            except Exception as error:  # compilation must never break generation
+                if capturing:
+                    raise  # _replay falls back and captures again
+                self._compile_failed(error)
+        return self.cached.decode(tokens, positions, length)
+
+    def _compile_failed(self, error):
+        self.compiled = None
+        log.warning("generation engine: torch.compile failed (%s: %s), decoding uncompiled", type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "")
+        print(f"[engine] torch.compile failed ({type(error).__name__}): decoding uncompiled", flush=True)
+
+    def _replay(self, batch: int, length: int, sample: bool, penalty: bool) -> torch.Tensor:
+        key = (batch, length, sample, penalty)
+        if key not in self.graphs:
+            try:
+                self._capture(key)
+            except Exception as error:
+                if self.compiled is None:
+                    raise
+                self._compile_failed(error)
+                self.graphs.clear()  # graphs captured with the compiled step are fine, but keep one kind
+                self._capture(key)
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out
+
+    def _capture(self, key):
+        batch, length, sample, penalty = key
+        # The warm-up runs the step for real (kernel selection, lazy init): put back what it advanced. Its K/V
+        # writes are the ones the replay makes again.
+        saved = (self.token_buffer.clone(), self.position_buffer.clone(), self.sampler.seen[:batch].clone())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._decode_step(batch, length, sample, penalty)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.token_buffer.copy_(saved[0])
+        self.position_buffer.copy_(saved[1])
+        self.sampler.seen[:batch].copy_(saved[2])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            out = self._decode_step(batch, length, sample, penalty)
+        self.graphs[key] = (graph, out)
+
+    # --- fallback: transformers' generate -----------------------------------------------------------------------
+    def _fallback_step(self) -> list[Request]:
+        done = [r for r in self.pending if r.cancelled]
+        for r in done:
+            self.pending.remove(r)
+            r.finish_reason = "cancelled"
+        if not self.pending:
+            return done
+        r = self.pending.pop(0)
+        _generate_one(self.model, self.tokenizer, r)
+        return done + [r]
+
+
+
+class _Halt(StoppingCriteria):
+    def __init__(self, should_stop):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
+
+
+def _generate_one(model, tokenizer, r: Request):
+    """One request through `generate`, tokens fed to the same bookkeeping as the fast path."""
+    from transformers import StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    seq = _Sequence(r, 0, tokenizer)
+
+    class Feed(BaseStreamer):
+        prompt_seen = False
+
+        def put(self, value):
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            for token in value.reshape(-1).tolist():
+                if not r.finished:
+                    seq.add(token, tokenizer)
+
+        def end(self):
+            pass
+
+    s = r.sampling
+    gen = dict(max_new_tokens=r.max_new_tokens, do_sample=s.do_sample, repetition_penalty=s.repetition_penalty)
+    if s.do_sample:
+        gen.update(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    if s.seed is not None:
+        torch.manual_seed(s.seed)
+    device = next(model.parameters()).device
+    ids = torch.tensor([r.prompt], device=device)
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=list(seq.stop_ids) or None,
+                   pad_token_id=pad, streamer=Feed(),
+                   stopping_criteria=StoppingCriteriaList([_Halt(lambda: r.finished or r.cancelled)]), **gen)
+    if not r.finished:
+        seq.finish("cancelled" if r.cancelled else "length", tokenizer)

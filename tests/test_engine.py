@@ -1,0 +1,214 @@
+"""The generation engine (novelkit/engine.py) on tiny random models in fp32 on CPU: greedy tokens equal to
+transformers' `generate` for Llama, Qwen2 (GQA, qkv bias, tied embeddings) and every Baichuan position/head variant,
+mixed-length batches, requests joining mid-way, stops, streaming, and sampling filters equal to HF's processors."""
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                          TopPLogitsWarper)
+
+from novelkit.engine import Detokenizer, Engine, Request
+from novelkit.sampling import SamplingParams, penalize_repetition, warp
+from tests.tiny_baichuan import random_model
+
+VOCAB = 1000
+
+
+def _hf_model(kind):
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256, initializer_range=0.15)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=4))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True))
+        with torch.no_grad():  # Qwen2 initialises biases to zero: make them matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model.eval()
+
+
+MODELS = {
+    "llama": lambda: _hf_model("llama"),
+    "qwen2": lambda: _hf_model("qwen2"),
+    "baichuan-7b": lambda: random_model("baichuan-7b"),
+    "baichuan-13b": lambda: random_model("baichuan-13b"),
+    "baichuan2-7b": lambda: random_model("baichuan2-7b"),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request):
+    return MODELS[request.param]()
+
+
+def _prompts(count, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [3, 11, 7, 20, 1, 15][:count]
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_greedy(model, prompt, new):
+    ids = torch.tensor([prompt])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_tokens_equal_generate_for_a_mixed_length_batch(model):
+    prompts = _prompts(6)
+    engine = Engine(model, max_batch=4, max_len=64)  # 6 requests on 4 slots: two join when others leave
+    requests = [Request(p, max_new_tokens=12 + 3 * i) for i, p in enumerate(prompts)]
+    engine.run(requests)
+    for r in requests:
+        assert r.tokens == _hf_greedy(model, r.prompt, r.max_new_tokens)
+        assert r.finish_reason == "length"
+
+
+def test_a_request_joining_mid_way_gets_the_tokens_it_gets_alone(model):
+    first, second = _prompts(2, seed=5)
+    alone = Engine(model, max_batch=2, max_len=64).run([Request(second, max_new_tokens=10)])[0].tokens
+    engine = Engine(model, max_batch=2, max_len=64)
+    a = engine.add(Request(first, max_new_tokens=20))
+    for _ in range(5):
+        engine.step()
+    b = engine.add(Request(second, max_new_tokens=10))
+    while engine.busy:
+        engine.step()
+    assert b.tokens == alone
+    assert a.tokens == _hf_greedy(model, first, 20)
+
+
+def test_repetition_penalty_gives_generates_tokens():
+    model = MODELS["qwen2"]()
+    prompt = _prompts(1)[0]
+    ids = torch.tensor([prompt])
+    expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=15,
+                              do_sample=False, repetition_penalty=1.3, eos_token_id=None, pad_token_id=0)
+    r = Engine(model, max_batch=2, max_len=64).run(
+        [Request(prompt, 15, SamplingParams(repetition_penalty=1.3))])[0]
+    assert r.tokens == expected[0, len(prompt):].tolist()
+
+
+def test_sampling_filters_equal_hf_processors_row_by_row():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, VOCAB, generator=g) * 3
+    ids = torch.randint(0, VOCAB, (4, 9), generator=g)
+    settings = [(0.7, 50, 0.9, 1.2), (1.0, 0, 0.5, 1.0), (1.3, 5, 1.0, 0.8), (1.0, 0, 1.0, 1.0)]
+    seen = torch.zeros(4, VOCAB, dtype=torch.bool)
+    seen[torch.arange(4)[:, None], ids] = True
+    col = lambda i, dtype=torch.float32: torch.tensor([[s[i]] for s in settings], dtype=dtype)  # noqa: E731
+    ours = warp(penalize_repetition(logits, seen, col(3)), col(0), col(1, torch.long), col(2))
+    for row, (temperature, top_k, top_p, penalty) in enumerate(settings):
+        expected = RepetitionPenaltyLogitsProcessor(penalty)(ids[row:row + 1], logits[row:row + 1].clone())
+        if temperature != 1.0:
+            expected = TemperatureLogitsWarper(temperature)(ids[row:row + 1], expected)
+        if top_k:
+            expected = TopKLogitsWarper(top_k)(ids[row:row + 1], expected)
+        if top_p < 1.0:
+            expected = TopPLogitsWarper(top_p)(ids[row:row + 1], expected)
+        assert torch.equal(ours[row:row + 1], expected), row
+    assert (ours[1] > -float("inf")).sum() < VOCAB // 2  # the filters did cut
+
+
+def test_seeded_sampling_repeats_and_differs_by_seed():
+    model = MODELS["baichuan2-7b"]()
+    prompt = _prompts(1)[0]
+    engine = Engine(model, max_batch=4, max_len=64)
+    params = lambda seed: SamplingParams(do_sample=True, temperature=1.5, top_p=0.95, seed=seed)  # noqa: E731
+    a, b, c = engine.run([Request(prompt, 20, params(1)), Request(prompt, 20, params(1)),
+                          Request(prompt, 20, params(2))])
+    assert a.tokens == b.tokens != c.tokens
+
+
+class _CharTokenizer:
+    """Token t < 256: byte t (UTF-8 pieces of a character arrive one token at a time); 256+ are special."""
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return bytes(t for t in ids if t < 256).decode("utf-8", errors="replace")
+
+
+def test_stop_ids_stop_strings_and_streaming_pieces():
+    model = MODELS["llama"]()
+    prompt = _prompts(1)[0]
+    free = _hf_greedy(model, prompt, 30)
+    stop = free[6]
+    r = Engine(model, max_batch=2, max_len=64).run([Request(prompt, 30, stop_ids=[stop])])[0]
+    assert r.finish_reason == "stop" and r.tokens == free[:free.index(stop) + 1]
+    ignored = Engine(model, max_batch=2, max_len=64).run([Request(prompt, 30, stop_ids=[stop], ignore_eos=True)])[0]
+    assert ignored.tokens == free and ignored.finish_reason == "length"
+
+    tokenizer = _CharTokenizer()
+    text = tokenizer.decode(free)
+    pieces = []
+    streamed = Engine(model, tokenizer, max_batch=2, max_len=64).run(
+        [Request(prompt, 30, on_text=pieces.append)])[0]
+    assert "".join(pieces) == streamed.text == text
+    stop_string = text[len(text) // 2:len(text) // 2 + 2]
+    pieces = []
+    cut = Engine(model, tokenizer, max_batch=2, max_len=64).run(
+        [Request(prompt, 30, stop_strings=[stop_string], on_text=pieces.append)])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == text[:text.find(stop_string)] == "".join(pieces)
+
+
+def test_streamed_pieces_never_split_a_character_or_show_a_stop_string_start():
+    text = "雨下了一整夜。END他出门"
+    pieces = []
+    detokenizer = Detokenizer(_CharTokenizer(), ["END"], pieces.append)
+    hit_at = None
+    for i, byte in enumerate(text.encode()):
+        if detokenizer.add(byte):
+            hit_at = i
+            break
+        assert "".join(pieces) == detokenizer.text[:len("".join(pieces))]
+        assert "\ufffd" not in "".join(pieces) and "E" not in "".join(pieces)
+    assert hit_at == len("雨下了一整夜。END".encode()) - 1
+    assert detokenizer.close() == "".join(pieces) == "雨下了一整夜。"
+
+
+def test_too_long_requests_are_refused():
+    engine = Engine(MODELS["llama"](), max_batch=2, max_len=32)
+    with pytest.raises(ValueError, match="maximum length of 32"):
+        engine.add(Request(list(range(3, 23)), max_new_tokens=13))
+    assert not engine.busy
+
+
+def test_an_architecture_without_a_fast_path_goes_through_generate():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    engine = Engine(model, max_batch=2, max_len=64)
+    assert "gpt2" in engine.problem
+    prompt = _prompts(1)[0]
+    r = engine.run([Request(prompt, 8)])[0]
+    assert r.tokens == _hf_greedy(model, prompt, 8) and r.finish_reason == "length"
+
+
+def test_the_compiled_decode_step_gives_the_same_tokens():
+    """The decode step through torch.compile (inductor's CPU backend here; on CUDA it is the default) on a
+    mixed-length batch whose cache length grows every step: one compilation (batch and length dynamic), equal
+    tokens."""
+    import time
+
+    import torch._dynamo
+
+    model = MODELS["qwen2"]()
+    prompts = _prompts(3)
+    engine = Engine(model, max_batch=3, max_len=64, compile=True)
+    assert engine.compiled is not None and engine.slots == 3
+    start = time.perf_counter()
+    torch._dynamo.reset()
+    requests = engine.run([Request(p, max_new_tokens=10) for p in prompts])
+    if engine.compiled is None:
+        pytest.fail("torch.compile fell back to the uncompiled step")
+    for r in requests:
+        assert r.tokens == _hf_greedy(model, r.prompt, 10)
+    single = Engine(model, max_batch=1, max_len=64, compile=True)  # one request still decodes with batch 2
+    assert single.slots == 2
+    assert single.run([Request(prompts[0], max_new_tokens=5)])[0].tokens == requests[0].tokens[:5]
+    assert single.compiled is not None
+    print(f"compiled path: {time.perf_counter() - start:.1f} s")
