@@ -12,7 +12,9 @@ launch() {
     deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} ${NUM_GPUS:+--num_gpus "$NUM_GPUS"} \
       --master_port "${MASTER_PORT:-29500}" --no_local_rank "$script" "$@" "${ds[@]}"
   elif [ -n "${DS_CONFIG:-}" ]; then
-    torchrun --nproc_per_node "${NUM_GPUS:-1}" --master_port "${MASTER_PORT:-29500}" "$script" "$@" "${ds[@]}"
+    # --use_cpu: else accelerate finds no GPU backend and every process believes it is alone (wrong batch sizes)
+    torchrun --nproc_per_node "${NUM_GPUS:-1}" --master_port "${MASTER_PORT:-29500}" "$script" "$@" --use_cpu true \
+      "${ds[@]}"
   else
     python "$script" "$@"
   fi
