@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -119,7 +120,13 @@ def run(name: str, folder: str, model: Path, data: Path, work: Path, *, gpus: in
     memory = GpuMemory()
     start = time.time()
     with (work / f"{name}.log").open("w") as log:
-        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work).returncode
+        # its own process group, so that a run past --run_timeout is stopped with the launcher's children
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work, start_new_session=True)
+        try:
+            code = proc.wait(timeout=args.run_timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            code = proc.wait()
     seconds = time.time() - start
     peak = memory.stop()
     text = (work / f"{name}.log").read_text(errors="replace")
@@ -172,6 +179,13 @@ def table(results: list[dict], pairs: dict, args) -> str:
                              f"over steps {args.skip}–{args.steps}.\n"
 
 
+def publish(work: Path, names: list[str]) -> None:
+    """Copy results to $OUT as soon as they exist (the device machine returns what is there, even after a kill)."""
+    if os.environ.get("OUT"):
+        for name in names:
+            shutil.copy(work / name, Path(os.environ["OUT"]) / name)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="scratch folder (models, data, runs)")
@@ -182,6 +196,8 @@ def main():
     parser.add_argument("--batch", type=int, default=2, help="per-GPU micro batch")
     parser.add_argument("--small_layers", type=int, default=8, help="layers of the full fine-tuning scaling pair")
     parser.add_argument("--only", default="", help="comma-separated run names (default: all)")
+    parser.add_argument("--run_timeout", type=float, default=600, help="seconds before a run is stopped")
+    parser.add_argument("--deadline", type=float, default=0, help="start no run after this many seconds (0: none)")
     parser.add_argument("--tiny", action="store_true", help="tiny hidden sizes, fp32: check the pipeline on a CPU")
     args = parser.parse_args()
     work = Path(args.work).resolve()
@@ -194,19 +210,24 @@ def main():
     plan = [  # name, folder, model, gpus, accum, config, verify
         ("full_zero3_small_2gpu", "Baichuan-Finetune", small, 2, 1, "ds_zero3.json", True),
         ("full_zero3_small_1gpu", "Baichuan-Finetune", small, 1, 2, "ds_zero3.json", False),
+        ("full_zero3_2gpu", "Baichuan-Finetune", big, 2, 1, "ds_zero3.json", True),
         ("lora_zero2_1gpu", "Baichuan-Finetune-Lora", big, 1, 2, "ds_zero2.json", False),
         ("lora_zero2_2gpu", "Baichuan-Finetune-Lora", big, 2, 1, "ds_zero2.json", True),
-        ("full_zero3_2gpu", "Baichuan-Finetune", big, 2, 1, "ds_zero3.json", True),
     ]
+    began = time.time()
     only = {n for n in args.only.split(",") if n}
     results = []
     for index, (name, folder, model, gpus, accum, config, verify) in enumerate(plan):
         if only and name not in only:
             continue
+        if args.deadline and time.time() - began > args.deadline:
+            print(f"== {name}: not started, past --deadline {args.deadline:.0f} s", flush=True)
+            continue
         build(model, args.small_layers if model == small else layers, args.tokenizer, args.tiny)
         results.append(run(name, folder, model, data, work, gpus=gpus, accum=accum, batch=args.batch,
                            config=config, args=args, verify=verify, port=29500 + index))
         (work / "results.json").write_text(json.dumps(results, indent=1))
+        publish(work, ["results.json", f"{name}.log"])
     by = {r["name"]: r for r in results}
     pairs = {f"{a} vs {b}": compare(by[a], by[b]) for a, b in
              [("lora_zero2_1gpu", "lora_zero2_2gpu"), ("full_zero3_small_1gpu", "full_zero3_small_2gpu")]
@@ -214,9 +235,7 @@ def main():
     (work / "results.json").write_text(json.dumps({"runs": results, "pairs": pairs}, indent=1))
     md = table(results, pairs, args)
     (work / "results.md").write_text(md)
-    if os.environ.get("OUT"):
-        for f in ["results.json", "results.md", *[f"{r['name']}.log" for r in results]]:
-            shutil.copy(work / f, Path(os.environ["OUT"]) / f)
+    publish(work, ["results.json", "results.md"])
     print(md)
 
 
