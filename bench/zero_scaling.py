@@ -210,9 +210,9 @@ def main():
     plan = [  # name, folder, model, gpus, accum, config, verify
         ("full_zero3_small_2gpu", "Baichuan-Finetune", small, 2, 1, "ds_zero3.json", True),
         ("full_zero3_small_1gpu", "Baichuan-Finetune", small, 1, 2, "ds_zero3.json", False),
-        ("full_zero3_2gpu", "Baichuan-Finetune", big, 2, 1, "ds_zero3.json", True),
         ("lora_zero2_1gpu", "Baichuan-Finetune-Lora", big, 1, 2, "ds_zero2.json", False),
         ("lora_zero2_2gpu", "Baichuan-Finetune-Lora", big, 2, 1, "ds_zero2.json", True),
+        ("full_zero3_2gpu", "Baichuan-Finetune", big, 2, 1, "ds_zero3.json", True),
     ]
     began = time.time()
     only = {n for n in args.only.split(",") if n}
