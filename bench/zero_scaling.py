@@ -69,7 +69,8 @@ def synthetic_data(path: Path, tokenizer_dir: str, max_length: int, count: int) 
         for i in range(count):
             start = (i * step) % max(1, len(text) - chars)
             body = (text * 2)[start:start + chars]
-            f.write(json.dumps({"instruction": f"续写第{i}段", "input": "", "output": body}, ensure_ascii=False) + "\n")
+            record = {"instruction": f"续写第{i}段", "input": "", "output": body}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def loss_events(output_dir: Path) -> list[tuple[int, float, float]]:
