@@ -23,12 +23,13 @@ GRAD_ACCUM=${GRAD_ACCUM:-1}
 BF16=${BF16:-$(python -c 'import torch as t; print(str(t.cuda.is_available() and t.cuda.is_bf16_supported()).lower())')}
 EVAL_STEPS=${EVAL_STEPS:-0.2}                       # evaluate (and save) every N steps; below 1: that share of all
 EVAL_SAMPLES=${EVAL_SAMPLES:-16}                    # dev samples generated for ROUGE at each evaluation; 0: loss only
-DS_CONFIG=${DS_CONFIG:-}                            # e.g. $ROOT/Baichuan-Finetune-Lora/ds_zero2.json; empty: none
-NUM_GPUS=${NUM_GPUS:-1}
+DS_CONFIG=${DS_CONFIG:-}                            # ds_zero{2,3}[_offload].json beside this script; empty: none
+NUM_GPUS=${NUM_GPUS:-}                              # GPUs per node (empty: all); without a GPU: CPU processes
+HOSTFILE=${HOSTFILE:-}                              # several nodes: one "host slots=GPUs" line each (README)
+MASTER_PORT=${MASTER_PORT:-29500}                   # rendezvous port on the first node
 
-LAUNCH="python"
-[ -n "$DS_CONFIG" ] && LAUNCH="torchrun --nproc_per_node $NUM_GPUS"
-$LAUNCH "$ROOT/Baichuan-Finetune-Lora/finetune.py" \
+. "$ROOT/novelkit/launch.sh"   # deepspeed launcher on GPUs, torchrun or python on a CPU
+launch "$ROOT/Baichuan-Finetune-Lora/finetune.py" \
   --model_path "$MODEL_PATH" --data "$DATA" --dev "$DEV" --output_dir "$OUTPUT_DIR" --template "$TEMPLATE" \
   --max_length "$MAX_LENGTH" --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT" \
   --lora_target "$LORA_TARGET" --num_train_epochs "$EPOCHS" --learning_rate "$LR" \
@@ -36,4 +37,4 @@ $LAUNCH "$ROOT/Baichuan-Finetune-Lora/finetune.py" \
   --gradient_accumulation_steps "$GRAD_ACCUM" --bf16 "$BF16" --lr_scheduler_type cosine --warmup_steps 0.05 \
   --logging_steps 5 --eval_strategy steps --eval_steps "$EVAL_STEPS" --eval_samples "$EVAL_SAMPLES" \
   --save_strategy steps --save_steps "$EVAL_STEPS" --save_total_limit 2 --report_to tensorboard \
-  ${DS_CONFIG:+--deepspeed "$DS_CONFIG"} "$@"
+  "$@"

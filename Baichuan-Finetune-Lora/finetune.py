@@ -49,7 +49,7 @@ def main():
     train_resuming(trainer, "lora")
 
     # 5. save the adapter (PEFT format) with the tokenizer and a record of the base it belongs to
-    save_trained(trainer, tokenizer, "lora")
+    save_trained(trainer, tokenizer, "lora", verify=args.verify_save)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def main():
     train_resuming(trainer, "qlora")
 
     # 5. save the adapter (PEFT format) with the tokenizer and a record of the base it belongs to
-    save_trained(trainer, tokenizer, "qlora")
+    save_trained(trainer, tokenizer, "qlora", verify=args.verify_save)
 
 
 if __name__ == "__main__":

@@ -34,14 +34,15 @@ def main():
     data = load_sft_data(tokenizer, template, args)
 
     # 3. nothing to wrap: every weight trains (--gradient_checkpointing trades recomputation for activation memory)
-    print(f"[full] {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M trainable parameters", flush=True)
+    count = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 leaves p empty: ds_numel
+    print(f"[full] {count / 1e6:.1f}M trainable parameters", flush=True)
 
     # 4. train, evaluating every eval_steps (dev loss + ROUGE of generated responses), resuming after a kill
     trainer = make_trainer(model, tokenizer, template, targs, data, args)
     train_resuming(trainer, "full")
 
     # 5. save the weights (a plain transformers folder) with the tokenizer
-    save_trained(trainer, tokenizer, "full")
+    save_trained(trainer, tokenizer, "full", verify=args.verify_save)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,17 @@ EPOCHS=${EPOCHS:-1}
 LR=${LR:-3e-4}
 BATCH=${BATCH:-1}
 GRAD_ACCUM=${GRAD_ACCUM:-1}
-DS_CONFIG=${DS_CONFIG:-}                         # e.g. $ROOT/Baichuan-Pretrain/ds_zero3.json (also _offload, ds_zero2*)
-NUM_GPUS=${NUM_GPUS:-1}
+DS_CONFIG=${DS_CONFIG:-}                         # ds_zero{2,3}[_offload].json beside this script; empty: none
+NUM_GPUS=${NUM_GPUS:-}                           # GPUs per node (empty: all); without a GPU: CPU processes
+HOSTFILE=${HOSTFILE:-}                           # several nodes: one "host slots=GPUs" line each (README)
+MASTER_PORT=${MASTER_PORT:-29500}                # rendezvous port on the first node
 
-LAUNCH="python"
-[ -n "$DS_CONFIG" ] && LAUNCH="torchrun --nproc_per_node $NUM_GPUS"
-$LAUNCH "$ROOT/Baichuan-Pretrain/pretrain.py" \
+. "$ROOT/novelkit/launch.sh"   # deepspeed launcher on GPUs, torchrun or python on a CPU
+launch "$ROOT/Baichuan-Pretrain/pretrain.py" \
   --model_path "$MODEL_PATH" --model_config "$MODEL_CONFIG" --vocab_size "$VOCAB_SIZE" --corpus "$CORPUS" \
   --eval_books "$EVAL_BOOKS" --eval_fraction "$EVAL_FRACTION" --clean_patterns "$CLEAN_PATTERNS" \
   --max_length "$MAX_LENGTH" --output_dir "$OUTPUT_DIR" --num_train_epochs "$EPOCHS" --learning_rate "$LR" \
   --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size "$BATCH" \
   --gradient_accumulation_steps "$GRAD_ACCUM" --lr_scheduler_type cosine --warmup_steps 0.02 --weight_decay 0.1 \
   --logging_steps 10 --eval_strategy steps --eval_steps 200 --save_strategy steps --save_steps 200 \
-  --save_total_limit 3 --report_to tensorboard ${DS_CONFIG:+--deepspeed "$DS_CONFIG"} "$@"
+  --save_total_limit 3 --report_to tensorboard "$@"

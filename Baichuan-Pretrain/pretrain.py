@@ -23,6 +23,7 @@ from novelkit.fast_training import prepare_fast_training
 from novelkit.loading import load_model, load_tokenizer, max_positions, resolve_model_path
 from novelkit.pretraining import (CleaningRules, build_token_cache, iter_corpus_books, load_patterns,
                                   train_eval_blocks)
+from novelkit.zero import join_cpu_processes, prepare_resume
 
 
 @dataclass
@@ -83,6 +84,7 @@ def tokenizer_for_scratch(args, out_dir: Path) -> str:
 @exit_on_error
 def main():
     args, targs = HfArgumentParser((ScriptArguments, TrainingArguments)).parse_args_into_dataclasses()
+    join_cpu_processes(targs)  # DeepSpeed over several CPU processes (torchrun): let it see them all
     out_dir = Path(targs.output_dir)
 
     # 1. the tokenizer and the model: continued (model_path / the embedded default) or from scratch (model_config)
@@ -127,6 +129,7 @@ def main():
     last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
     if last:
         print(f"[pretrain] resuming from {last}", flush=True)
+        prepare_resume(trainer, last)  # a DeepSpeed checkpoint from another number of GPUs: its universal form
     trainer.train(resume_from_checkpoint=last)
 
     # 4. save a plain model folder (from_pretrained loads it) with its tokenizer

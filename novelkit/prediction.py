@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
 from .formats import Sample, detect_format, to_sample
-from .generation import generate_each, generate_responses, generation_kwargs
+from .generation import generate_each, generation_kwargs
 from .loading import adapter_base_path, load_model, load_tokenizer
 from .ner_metrics import entity_scores, is_ner_answer
 from .outputs import write_json_atomic, write_jsonl_atomic

@@ -21,6 +21,7 @@ from .formats import Sample, load_samples
 from .generation_eval import GenerationEvalTrainer, GenerationEvaluator
 from .loading import write_base_fingerprint
 from .packing import PackedCollator, pack_rows
+from .zero import check_saved_matches_live, join_cpu_processes, prepare_resume
 
 
 @dataclass
@@ -41,6 +42,8 @@ class DataArguments:
                                                                   "or auto = on a GPU without DeepSpeed"})
     checkpoint_layers: int = field(default=-1, metadata={"help": "with --gradient_checkpointing, checkpoint only the "
                                                                  "first N decoder layers (-1: all)"})
+    verify_save: bool = field(default=False, metadata={"help": "after saving, reload the saved model the ordinary "
+                                                                "way and check its logits equal the trained model's"})
 
 
 def _switch(value: str, auto: bool) -> bool:
@@ -61,7 +64,9 @@ class LoraArguments:
 
 def parse_args(*groups):
     """(DataArguments, *groups, TrainingArguments) from the command line; unknown flags are an error."""
-    return HfArgumentParser((DataArguments, *groups, TrainingArguments)).parse_args_into_dataclasses()
+    parsed = HfArgumentParser((DataArguments, *groups, TrainingArguments)).parse_args_into_dataclasses()
+    join_cpu_processes(parsed[-1])
+    return parsed
 
 
 @dataclass
@@ -139,15 +144,18 @@ def last_complete_checkpoint(output_dir) -> str | None:
 
 
 def train_resuming(trainer, tag: str) -> None:
-    """Train, continuing from the last complete checkpoint in output_dir when a previous run was interrupted."""
+    """Train, continuing from the last complete checkpoint in output_dir when a previous run was interrupted (also
+    on another number of GPUs under DeepSpeed)."""
     last = last_complete_checkpoint(trainer.args.output_dir)
     if last:
         print(f"[{tag}] resuming from {last}", flush=True)
+        prepare_resume(trainer, last)
     trainer.train(resume_from_checkpoint=last)
 
 
-def save_trained(trainer, tokenizer, tag: str) -> None:
-    """The model (a PEFT adapter, or all weights) with its tokenizer; an adapter also records the base it fits."""
+def save_trained(trainer, tokenizer, tag: str, verify: bool = False) -> None:
+    """The model (a PEFT adapter, or all weights; under ZeRO-3 gathered from the partitions) with its tokenizer; an
+    adapter also records the base it fits. `verify`: reload it and compare logits with the live model."""
     out = trainer.args.output_dir
     trainer.save_model(out)
     if trainer.is_world_process_zero():
@@ -155,3 +163,5 @@ def save_trained(trainer, tokenizer, tag: str) -> None:
         if hasattr(trainer.model, "get_base_model"):
             write_base_fingerprint(out, trainer.model.get_base_model().config)
         print(f"[{tag}] saved to {out}", flush=True)
+    if verify:
+        check_saved_matches_live(trainer, out, tag)
