@@ -141,6 +141,28 @@ def _bucket(n: int, limit: int) -> int:
     return min(size, limit)
 
 
+def fit_cache_in_memory(model, max_batch: int, max_len: int, spare: int = 0, share: float = 0.9) -> int:
+    """The number of slots (at most max_batch) whose KV cache fits in `share` of the GPU's free memory: fewer, with
+    a note, when it does not all fit; a ConfigError naming the flags when not even one request fits."""
+    from .errors import ConfigError
+
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    weight = model.get_input_embeddings().weight
+    per_slot = 2 * config.num_hidden_layers * kv_heads * head_dim * max_len * weight.element_size()
+    free = torch.cuda.mem_get_info(weight.device)[0] * share
+    fit = int(free // per_slot) - spare
+    if fit < 1:
+        raise ConfigError(f"the KV cache for one request of {max_len} tokens needs {per_slot / 2**30:.1f} GiB and "
+                          f"{free / share / 2**30:.1f} GiB of GPU memory are free: lower --max_len")
+    if fit < max_batch:
+        print(f"[engine] KV cache: {fit} slots of {max_len} tokens fit in the free GPU memory, not {max_batch}; "
+              f"lower --max_len to serve more requests at once", flush=True)
+    return min(fit, max_batch)
+
+
 class Engine:
     """Continuous batching over a static KV cache (see the module docstring)."""
 
@@ -167,6 +189,8 @@ class Engine:
         # torch.compile by default wherever CUDA graphs run; a model being trained passes compile=False (the
         # evaluator would pay the compilation at every evaluation)
         self.compile = self.cuda_graphs if compile is None else compile
+        if on_cuda:
+            self.max_batch = max_batch = fit_cache_in_memory(inner, max_batch, self.max_len, spare=int(self.compile))
         # a compiled step keeps batch >= 2 (a batch dimension of 1 would be compiled separately): one spare slot
         self.slots = max(max_batch, 2) if self.compile else max_batch
         self.cached = CachedModel(model, self.slots, self.max_len)

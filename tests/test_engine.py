@@ -212,3 +212,18 @@ def test_the_compiled_decode_step_gives_the_same_tokens():
     assert single.run([Request(prompts[0], max_new_tokens=5)])[0].tokens == requests[0].tokens[:5]
     assert single.compiled is not None
     print(f"compiled path: {time.perf_counter() - start:.1f} s")
+
+
+def test_kv_cache_is_fitted_to_free_gpu_memory(monkeypatch):
+    from novelkit.engine import fit_cache_in_memory
+    from novelkit.errors import ConfigError
+
+    model = random_model("baichuan2-7b")  # 2 layers, 4 heads x 16 dims, fp32: 2 x 2 x 64 x 4 bytes per token
+    per_slot = 2 * 2 * 64 * 4 * 100
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(3.5 * per_slot / 0.9), 0))
+    assert fit_cache_in_memory(model, 16, 100) == 3
+    assert fit_cache_in_memory(model, 2, 100) == 2
+    assert fit_cache_in_memory(model, 16, 100, spare=1) == 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (per_slot // 2, 0))
+    with pytest.raises(ConfigError, match="lower --max_len"):
+        fit_cache_in_memory(model, 16, 100)
