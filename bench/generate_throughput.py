@@ -102,6 +102,34 @@ def step_profile(model, batch, steps=50):
     return {"batch": batch, "step_ms": round(step_ms, 3), "replay_ms": round(replay_ms, 3)}
 
 
+def kernel_profile(model, batches, out_dir, steps=20):
+    """Where a decode step's time goes: the busiest GPU kernels over `steps` engine steps at each batch size, one
+    text table per batch under out_dir (one compiled engine serves all batches)."""
+    engine = Engine(model, max_batch=max(batches), max_len=PROMPT + 300)
+    params = SamplingParams(do_sample=True, **SAMPLING)
+    shape = model.config.model_type
+    for batch in batches:
+        for p in _prompts(batch, model.config.vocab_size):
+            engine.add(Request(p.tolist(), 300, params, ignore_eos=True))
+        for _ in range(10):  # prefill, graph capture, warm-up
+            engine.step()
+        _sync()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()
+            _sync()
+        table_text = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
+                                               max_name_column_width=70)
+        Path(out_dir, f"profile_decode_{shape}_batch{batch}.txt").write_text(
+            f"{steps} engine steps, batch {batch}, compiled={engine.compiled is not None}\n{table_text}")
+        for request in list(engine.active.values()):
+            engine.cancel(request.request)
+        while engine.active or engine.pending:
+            engine.step()
+        print(f"profiled {shape} batch {batch}", flush=True)
+
+
 def greedy_equality(model, prompts, new_tokens, engine=None):
     """Per prompt: first position where the engine's greedy tokens differ from generate's, and generate's top-2
     logit gap there (a near-tie explains a bf16 divergence)."""
@@ -220,7 +248,14 @@ def main():
     p.add_argument("--quick", action="store_true",
                    help="batch 1 and 64 x 256 new tokens, naive vs engine compiled vs uncompiled (~4 min on an H200; "
                         "naive timed over --naive-tokens, default 32 here)")
+    p.add_argument("--profile", default="", help="folder: only write kernel tables of decode steps there, for "
+                                                 "--shapes and --batches")
     args = p.parse_args()
+    if args.profile:
+        for shape in args.shapes:
+            overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+            kernel_profile(build_model(shape, dtype=torch.bfloat16, **overrides), args.batches, args.profile)
+        return
     if args.quick and args.naive_tokens == 64:
         args.naive_tokens = 32
     device = "cuda" if torch.cuda.is_available() else "cpu"

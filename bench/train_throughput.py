@@ -181,7 +181,13 @@ def pad_tokens(batch) -> int:
     return int((ids == 0).sum())
 
 
-def run_one(spec: str, steps: int, warmup: int, overrides: dict) -> dict:
+def kernel_table(prof, rows: int = 25) -> str:
+    """The profiler's busiest GPU kernels (self time), as text."""
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total",
+                                     row_limit=rows, max_name_column_width=70)
+
+
+def run_one(spec: str, steps: int, warmup: int, overrides: dict, profile_dir: str = "") -> dict:
     parts = spec.split(":")
     workload, loop, seq = parts[0], parts[1], int(parts[2])
     plan = parse_plan(parts[3] if len(parts) > 3 else "")
@@ -199,7 +205,12 @@ def run_one(spec: str, steps: int, warmup: int, overrides: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     micro = plan["mb"] if loop.startswith("ours") and plan["mb"] else None
     losses, times, real_tokens, slots = [], [], 0, 0
+    profiler = None
     for step, batch in enumerate(batches[:steps]):
+        if profile_dir and step == steps - 1:  # the last step, after everything has compiled and warmed up
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                              + [torch.profiler.ProfilerActivity.CUDA] * (DEVICE == "cuda"))
+            profiler.__enter__()
         batch = {k: v.to(DEVICE, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
         sync()
         start = time.perf_counter()
@@ -216,6 +227,11 @@ def run_one(spec: str, steps: int, warmup: int, overrides: dict) -> dict:
         sync()
         times.append(time.perf_counter() - start)
         losses.append(total.item())
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+            name = spec.replace(":", "_").replace(",", "-")
+            Path(profile_dir, f"profile_{name}.txt").write_text(kernel_table(profiler))
+            profiler = None
         if step >= warmup:
             labels = batch["labels"]
             if loop.endswith("-mix"):  # every sample token, prompt included, as a padding-free run would process
@@ -264,13 +280,15 @@ def main():
     parser.add_argument("--layers", type=int, default=0, help="num_hidden_layers override (0: the real shape)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, to check the code on a CPU")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "train_throughput.jsonl"))
+    parser.add_argument("--profile", default="", help="folder: write a kernel table of each run's last step there "
+                                                      "(that step is then not representative of the timing)")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one spec in this process
     args = parser.parse_args()
     overrides = dict(TINY) if args.tiny else {}
     if args.layers:
         overrides["num_hidden_layers"] = args.layers
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args.steps, args.warmup, overrides)), flush=True)
+        print("RESULT " + json.dumps(run_one(args.one, args.steps, args.warmup, overrides, args.profile)), flush=True)
         return
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
     print(f"{name}  torch {torch.__version__}", flush=True)
@@ -278,7 +296,8 @@ def main():
     for spec in args.runs:
         started = time.time()
         proc = subprocess.run([sys.executable, __file__, "--one", spec, "--steps", str(args.steps), "--warmup",
-                               str(args.warmup), "--layers", str(args.layers)] + ["--tiny"] * args.tiny,
+                               str(args.warmup), "--layers", str(args.layers), "--profile", args.profile]
+                              + ["--tiny"] * args.tiny,
                               capture_output=True, text=True)
         found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         result = json.loads(found[0]) if found else {"run": spec, "error": (proc.stderr.strip().splitlines()
