@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from .features import IGNORE_INDEX
+
 CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk (the peak holds about two such buffers)
 
 

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from .chunked_loss import IGNORE_INDEX
+from .features import IGNORE_INDEX
 
 
 def pack_rows(samples: list[dict], capacity: int) -> list[dict]:
@@ -47,8 +47,8 @@ def pack_rows(samples: list[dict], capacity: int) -> list[dict]:
 
 @dataclasses.dataclass
 class PackedCollator:
-    """Right-pads packed rows to `width` tokens (the packing capacity: every batch has the same shape, so compiled
-    layers never recompile), or to the batch's longest when `width` is 0. The padding is a sample of its own
+    """Right-pads packed rows to `width` tokens (the packing capacity: every training batch has the same shape, so
+    compiled layers never recompile), or to the batch's longest when `width` is 0 or the rows are not packed (eval). The padding is a sample of its own
     (positions from 0, labels ignored); there is no attention_mask, so the models read the sample boundaries from
     position_ids. A row without position_ids (an unpacked eval sample) is one sample. `use_cache=False` goes with the
     batch: transformers models look for packed samples only when no cache is being filled."""
@@ -57,7 +57,8 @@ class PackedCollator:
     width: int = 0
 
     def __call__(self, rows: list[dict]) -> dict:
-        width = max(self.width, *(len(r["input_ids"]) for r in rows))
+        packed = any("position_ids" in r for r in rows)
+        width = max(self.width if packed else 0, *(len(r["input_ids"]) for r in rows))
         batch = {"input_ids": [], "labels": [], "position_ids": []}
         for r in rows:
             pad = width - len(r["input_ids"])

@@ -204,3 +204,12 @@ def test_gpu_packed_varlen_and_compiled_layers_match_plain():
     assert compile_layers(model)
     compiled = model(**batch).loss.item()
     assert abs(compiled - plain) < 0.01 * plain
+
+
+def test_packed_collator_pads_training_rows_to_the_width_and_eval_rows_to_their_longest():
+    collate = PackedCollator(pad_token_id=0, width=16)
+    packed = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "position_ids": [0, 1, 0]}])
+    assert packed["input_ids"].shape == (1, 16) and packed["position_ids"][0, 3:].tolist() == list(range(13))
+    unpacked = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert unpacked["input_ids"].shape == (2, 3)
+    assert unpacked["labels"][1].tolist() == [8, -100, -100]
