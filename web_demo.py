@@ -22,7 +22,7 @@ import gradio as gr
 from novelkit.errors import ConfigError, exit_on_error
 from novelkit.formats import Sample, load_samples
 from novelkit.generation import generation_kwargs
-from novelkit.generation_worker import stream_generate
+from novelkit.generation_worker import engine_for, stream_generate
 from novelkit.loading import adapter_base_path, load_model, load_tokenizer, max_positions
 from novelkit.ratings import AXES, SUMMARY_HEADERS, Rating, RatingStore
 from novelkit.readers import read_text
@@ -66,6 +66,7 @@ class LoadedModel:
         self.template = get_template(template or default_template_name(self.tokenizer, self.model.config))
         self.context = max_positions(self.model.config)
         self.lock = threading.Lock()
+        engine_for(self.model, self.tokenizer).warm_up()  # the first visitor would wait for the compilation
 
     def stream(self, sample: Sample, chat=True, **gen):
         """Yields the response so far, each time more of it is final."""

@@ -167,7 +167,7 @@ class Engine:
     """Continuous batching over a static KV cache (see the module docstring)."""
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 64, max_len: int | None = None,
-                 cuda_graphs: bool | None = None, compile: bool | None = None):
+                 cuda_graphs: bool | None = None, compile: bool | None = None, fuse_weights: bool | None = None):
         from .loading import max_positions
 
         self.model, self.tokenizer = model, tokenizer
@@ -175,6 +175,7 @@ class Engine:
         self.max_len = max_len or max_positions(unwrap(model).config)  # RoPE and ALiBi extend past the config
         self.pending: list[Request] = []
         self.active: dict[int, _Sequence] = {}
+        self._needs = None  # the sampler's needs for the active requests
         self.problem = fast_path_problem(model)
         if self.problem:
             log.warning("generation engine: %s, so generating through transformers' generate, one request at a "
@@ -193,10 +194,14 @@ class Engine:
             self.max_batch = max_batch = fit_cache_in_memory(inner, max_batch, self.max_len, spare=int(self.compile))
         # a compiled step keeps batch >= 2 (a batch dimension of 1 would be compiled separately): one spare slot
         self.slots = max(max_batch, 2) if self.compile else max_batch
-        self.cached = CachedModel(model, self.slots, self.max_len)
+        # q/k/v and gate/up weights concatenated (engine_model.fuse_linear_weights): for inference only, so by
+        # default where the step is compiled (never for a model being trained)
+        self.cached = CachedModel(model, self.slots, self.max_len,
+                                  fuse_weights=self.compile if fuse_weights is None else fuse_weights)
         vocab = inner.get_input_embeddings().weight.shape[0]
         device = self.cached.device
-        self.sampler = Sampler(self.slots, vocab, device)
+        self.sampler = Sampler(self.slots, vocab, device, compile=self.compile)
+        self.redraws = 0  # rows whose sorting-free draw missed and were drawn again (sampling.py)
         self.compiled = self.cached.compiled_decode() if self.compile else None
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
@@ -221,6 +226,22 @@ class Engine:
     def cancel(self, request: Request):
         """Ends the request at the next step (its slot is freed then)."""
         request.cancelled = True
+
+    def drop_all(self):
+        """Forgets every pending and active request (after a step raised; their slots are free again)."""
+        self.pending.clear()
+        for slot in list(self.active):
+            self._release(slot)
+
+    def warm_up(self):
+        """Compiles the decode step before the first request would (a minute or two on a GPU, once per process):
+        one short request each greedy, with top-p and with top-k sampling. Nothing to do when uncompiled."""
+        if self.compiled is None:
+            return
+        print("[engine] compiling the decode step (once; a minute or two on a GPU)", flush=True)
+        for params in (SamplingParams(), SamplingParams(do_sample=True, top_p=0.9),
+                       SamplingParams(do_sample=True, top_k=50, top_p=0.9)):
+            self.run([Request([1, 2], 2, params, ignore_eos=True)])
 
     @property
     def busy(self) -> bool:
@@ -262,6 +283,7 @@ class Engine:
     def _release(self, slot: int) -> Request:
         seq = self.active.pop(slot)
         self.sampler.params[slot] = None
+        self._needs = None
         return seq.request
 
     def _admit(self) -> list[Request]:
@@ -279,12 +301,14 @@ class Engine:
             logits = self.cached.prefill([r.prompt for r in take], slots)
             for r, slot in zip(take, slots):
                 self.sampler.set_row(slot, r.sampling, r.prompt)
+            self._needs = None
             index = torch.tensor(slots, device=self.cached.device)
-            chosen = self.sampler.choose(logits, index, *self.sampler.needs(slots))
+            chosen, logits = self.sampler.choose(logits, index, *self.sampler.needs(slots))
+            chosen = self._redraw_missed(chosen.tolist(), logits, list(enumerate(slots)), in_buffer=False)
             # the decode step's inputs live on the device: the first token and where it goes
-            self.token_buffer[index] = chosen
+            self.token_buffer[index] = torch.tensor(chosen, device=self.cached.device)
             self.position_buffer[index] = torch.tensor([len(r.prompt) for r in take], device=self.cached.device)
-            for r, slot, token in zip(take, slots, chosen.tolist()):
+            for r, slot, token in zip(take, slots, chosen):
                 seq = self.active[slot] = _Sequence(r, slot, self.tokenizer)
                 if seq.add(token, self.tokenizer):
                     done.append(self._release(slot))
@@ -297,28 +321,48 @@ class Engine:
         if self.compiled is not None:
             batch = max(batch, 2)
         longest = max(seq.position for seq in self.active.values()) + 1
-        sample, penalty, seeded = self.sampler.needs(list(self.active))
+        if self._needs is None:  # kept while the same requests run
+            self._needs = self.sampler.needs(list(self.active))
+        mode, penalty, seeded = self._needs
         if self.cuda_graphs and not seeded:
             length = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, self.max_len)
-            chosen = self._replay(_bucket(batch, self.slots), length, sample, penalty)
+            tokens, logits = self._replay(_bucket(batch, self.slots), length, mode, penalty)
         else:  # CPU, or a row with its own generator (its draw is not capturable)
-            chosen = self._decode_step(batch, longest, sample, penalty, seeded)
-        chosen = chosen.tolist()
+            tokens, logits = self._decode_step(batch, longest, mode, penalty, seeded)
+        chosen = self._redraw_missed(tokens.tolist(), logits, [(s, s) for s in self.active], in_buffer=True)
         done = []
         for slot, seq in list(self.active.items()):
             if seq.add(chosen[slot], self.tokenizer):
                 done.append(self._release(slot))
         return done
 
-    def _decode_step(self, batch: int, length: int, sample: bool, penalty: bool, seeded: bool = False):
+    def _redraw_missed(self, chosen: list[int], logits, pairs, in_buffer: bool) -> list[int]:
+        """`chosen` with the rows whose sorting-free draw missed (-1) drawn again the sorting way. pairs: (row of
+        `chosen` and `logits`, its slot); in_buffer: also write the new tokens into the device-side token buffer."""
+        missed = [(row, slot) for row, slot in pairs if chosen[row] < 0]
+        if not missed:
+            return chosen
+        self.redraws += len(missed)
+        rows, slots = [m[0] for m in missed], [m[1] for m in missed]
+        tokens = self.sampler.redraw(logits[torch.tensor(rows, device=logits.device)], slots)
+        if in_buffer:
+            self.token_buffer[torch.tensor(slots, device=self.cached.device)] = tokens
+        chosen = list(chosen)
+        for row, token in zip(rows, tokens.tolist()):
+            chosen[row] = token
+        return chosen
+
+    def _decode_step(self, batch: int, length: int, mode: str | None, penalty: bool, seeded: bool = False):
         """One token for slots 0..batch-1 from the device-side token and position buffers, which it advances
-        (free slots in the range compute garbage that nothing reads). Returns the chosen tokens (device)."""
+        (free slots in the range compute garbage that nothing reads). Returns the chosen tokens (device; -1 for
+        a missed draw, see _redraw_missed) and the logits they were drawn from."""
         tokens, positions = self.token_buffer[:batch], self.position_buffer[:batch]
         logits = self._logits(tokens, positions, length)
-        chosen = self.sampler.choose(logits, slice(0, batch), sample, penalty, seeded)
+        chosen, logits = self.sampler.choose(logits, slice(0, batch), mode, penalty, seeded,
+                                             compiled=self.compiled is not None)
         tokens.copy_(chosen)
         positions.copy_((positions + 1).clamp(max=self.max_len - 1))
-        return tokens
+        return tokens, logits
 
     def _logits(self, tokens, positions, length):
         if self.compiled is not None:
@@ -337,8 +381,8 @@ class Engine:
                     str(error).splitlines()[0] if str(error) else "")
         print(f"[engine] torch.compile failed ({type(error).__name__}): decoding uncompiled", flush=True)
 
-    def _replay(self, batch: int, length: int, sample: bool, penalty: bool) -> torch.Tensor:
-        key = (batch, length, sample, penalty)
+    def _replay(self, batch: int, length: int, mode: str | None, penalty: bool):
+        key = (batch, length, mode, penalty)
         if key not in self.graphs:
             try:
                 self._capture(key)
@@ -350,24 +394,25 @@ class Engine:
                 self._capture(key)
         graph, out = self.graphs[key]
         graph.replay()
+        self.last_graph = key
         return out
 
     def _capture(self, key):
-        batch, length, sample, penalty = key
+        batch, length, mode, penalty = key
         # The warm-up runs the step for real (kernel selection, lazy init): put back what it advanced. Its K/V
         # writes are the ones the replay makes again.
         saved = (self.token_buffer.clone(), self.position_buffer.clone(), self.sampler.seen[:batch].clone())
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._decode_step(batch, length, sample, penalty)
+            self._decode_step(batch, length, mode, penalty)
         torch.cuda.current_stream().wait_stream(stream)
         self.token_buffer.copy_(saved[0])
         self.position_buffer.copy_(saved[1])
         self.sampler.seen[:batch].copy_(saved[2])
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            out = self._decode_step(batch, length, sample, penalty)
+            out = self._decode_step(batch, length, mode, penalty)
         self.graphs[key] = (graph, out)
 
     # --- fallback: transformers' generate -----------------------------------------------------------------------

@@ -41,6 +41,30 @@ def fast_path_problem(model) -> str | None:
     return None
 
 
+def fuse_linear_weights(linears):
+    """(weight, bias) of several plain nn.Linear layers that read the same input, concatenated along the output,
+    so one matrix product replaces several (fewer, larger kernels: decoding at small batches is launch- and
+    memory-bound). The layers' parameters become views into the new tensors: no extra memory, and the modules
+    compute what they computed. None when a layer is wrapped (LoRA), quantized or the biases differ in presence.
+    The model's parameters then share storage: an inference-only change (safetensors refuses to save shared
+    tensors)."""
+    if not all(type(m) is torch.nn.Linear for m in linears):
+        return None
+    if len({m.bias is None for m in linears}) > 1 or len({(m.weight.dtype, m.weight.device) for m in linears}) > 1:
+        return None
+    sizes = [m.out_features for m in linears]
+    fused = []
+    for name in ("weight", "bias"):
+        if getattr(linears[0], name) is None:
+            fused.append(None)
+            continue
+        whole = torch.cat([getattr(m, name).data for m in linears])
+        for m, part in zip(linears, whole.split(sizes)):
+            getattr(m, name).data = part
+        fused.append(whole)
+    return tuple(fused)
+
+
 def _rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -49,7 +73,7 @@ def _rotate_half(x):
 class CachedModel:
     """A causal LM with a static KV cache: `prefill` writes prompts into slots, `decode` adds one token per slot."""
 
-    def __init__(self, model, slots: int, max_len: int):
+    def __init__(self, model, slots: int, max_len: int, fuse_weights: bool = False):
         inner = unwrap(model)
         config = inner.config
         self.model, self.config = inner, config
@@ -68,6 +92,14 @@ class CachedModel:
         self.key_index = torch.arange(max_len, device=self.device)
         self._positional_tables()
         self.head = self._lm_head()
+        self.qkv = [None] * len(self.layers)  # per layer: (weight, bias) of q, k, v in one, or None
+        self.gate_up = [None] * len(self.layers)
+        if fuse_weights:
+            for i, layer in enumerate(self.layers):
+                if not self.baichuan:  # Baichuan's W_pack is already one
+                    attn = layer.self_attn
+                    self.qkv[i] = fuse_linear_weights([attn.q_proj, attn.k_proj, attn.v_proj])
+                self.gate_up[i] = fuse_linear_weights([layer.mlp.gate_proj, layer.mlp.up_proj])
 
     def _positional_tables(self):
         positions = torch.arange(self.max_len, device=self.device)
@@ -98,17 +130,29 @@ class CachedModel:
         return head
 
     # --- pieces shared by prefill and decode -------------------------------------------------------------------
-    def _qkv(self, layer, x):
+    def _qkv(self, index, layer, x):
         """Queries (batch, heads, seq, dim), keys and values (batch, kv_heads, seq, dim)."""
         batch, seq, _ = x.shape
         attn = layer.self_attn
         if self.baichuan:
             qkv = attn.W_pack(x).view(batch, seq, 3, self.heads, self.head_dim)
             return qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q = attn.q_proj(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        fused = self.qkv[index]
+        if fused is not None:
+            q, k, v = F.linear(x, *fused).split([self.heads * self.head_dim] + [self.kv_heads * self.head_dim] * 2, -1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
+
+    def _mlp(self, index, layer, x):
+        fused = self.gate_up[index]
+        if fused is None:
+            return layer.mlp(x)
+        gate, up = F.linear(x, *fused).chunk(2, dim=-1)
+        return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
     def _rotate(self, x, cos, sin):
         """RoPE with per-row angles: cos/sin (batch, seq, dim). Baichuan rotates in float32, HF models in their dtype."""
@@ -121,7 +165,7 @@ class CachedModel:
     def _run_layers(self, h, attend):
         for index, layer in enumerate(self.layers):
             h = h + attend(index, layer, layer.input_layernorm(h))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._mlp(index, layer, layer.post_attention_layernorm(h))
         return h
 
     def _final(self, h):
@@ -150,7 +194,7 @@ class CachedModel:
             cos, sin = self.cos[positions][None].expand(n, -1, -1), self.sin[positions][None].expand(n, -1, -1)
 
         def attend(index, layer, x):
-            q, k, v = self._qkv(layer, x)
+            q, k, v = self._qkv(index, layer, x)
             if cos is not None:
                 q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             self.keys[index][slot_index, :, :width] = k
@@ -187,7 +231,7 @@ class CachedModel:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
             # automatic dynamic shapes off: another engine's cache or model of other sizes recompiles with static
             # sizes instead of turning head or hidden sizes symbolic (slower kernels)
-            with _sdpa_backends(), torch._dynamo.config.patch(automatic_dynamic_shapes=False, **{limit: 64}):
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False, **{limit: 64}):
                 return compiled(tokens, positions, key_index)
 
         return call
@@ -198,18 +242,19 @@ class CachedModel:
         batch, length = tokens.shape[0], key_index.shape[0]
         rows = torch.arange(batch, device=self.device)
         allowed = key_index[None, :] <= positions[:, None]  # (batch, length)
-        if self.alibi:
+        group = self.heads // self.kv_heads
+        # added to the scores (batch, kv_heads, group, length): -inf past each row's position, ALiBi's bias
+        if self.alibi:  # heads == kv_heads, group 1
             distance = (positions[:, None] - key_index[None, :]).clamp(min=0).to(torch.float32)
-            bias = (-self.slopes[None, :, None] * distance[:, None, :]).to(self.dtype)  # (batch, heads, length)
-            mask = torch.where(allowed[:, None], bias, torch.finfo(self.dtype).min)[:, :, None]
+            bias = (-self.slopes[None, :, None] * distance[:, None, :]).to(self.dtype).float()
+            additive = torch.where(allowed[:, None], bias, float("-inf"))[:, :, None]
             cos = sin = None
         else:
-            mask = allowed[:, None, None]  # (batch, 1, 1, length): broadcast over heads and the query group
+            additive = torch.where(allowed, 0.0, float("-inf"))[:, None, None]
             cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
-        group = self.heads // self.kv_heads
 
         def attend(index, layer, x):
-            q, k, v = self._qkv(layer, x)
+            q, k, v = self._qkv(index, layer, x)
             if cos is not None:
                 q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             keys, values = self.keys[index], self.values[index]
@@ -217,9 +262,10 @@ class CachedModel:
             values[rows, :, positions] = v[:, :, 0]
             # GQA: the `group` query heads of one kv head act as its query length, so K/V are never repeated.
             q = q.reshape(batch, self.kv_heads, group, self.head_dim)
-            with _sdpa_backends():
-                out = F.scaled_dot_product_attention(q, keys[:batch, :, :length], values[:batch, :, :length],
-                                                     attn_mask=mask)
+            # two matrix products and a float32 softmax (as SDPA's math): compiled, these beat the fused SDPA
+            # kernels for a single query (measured on an H200: 1.98 vs 2.24 ms per Qwen2-1.5B step at batch 1)
+            scores = torch.matmul(q, keys[:batch, :, :length].transpose(-1, -2)).float() * self.head_dim ** -0.5
+            out = torch.matmul((scores + additive).softmax(-1).to(q.dtype), values[:batch, :, :length])
             return layer.self_attn.o_proj(out.reshape(batch, 1, -1))
 
         h = self._run_layers(self.model.get_input_embeddings()(tokens[:, None]), attend)

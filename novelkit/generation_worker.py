@@ -65,7 +65,7 @@ _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
 
 
-def _engine_for(model, tokenizer) -> Engine:
+def engine_for(model, tokenizer) -> Engine:
     """One single-slot engine per model, kept (its KV cache and CUDA graphs) for the next call."""
     engine = _ENGINES.get(model)
     if engine is None or engine.tokenizer is not tokenizer:
@@ -77,7 +77,7 @@ def stream_generate(model, tokenizer, prompt_ids: list[int], *, stop_ids, stop_s
                     cancelled=lambda: False, seed=None, **gen_kwargs) -> tuple[str, int]:
     """Generate from one prompt through the engine, calling on_text(piece) as text becomes final. Returns
     (finish_reason, tokens generated): "stop" when a stop token or stop string ended it, else "length"."""
-    engine = _engine_for(model, tokenizer)
+    engine = engine_for(model, tokenizer)
     params = resolve_sampling(model, seed=seed, **{k: gen_kwargs.get(k) for k in SAMPLING_KEYS})
     max_new = gen_kwargs.get("max_new_tokens") or 512
     r = engine.add(Request(list(prompt_ids), max_new, params, stop_ids=list(stop_ids), stop_strings=list(stop_strings),
@@ -136,6 +136,10 @@ class GenerationWorker:
         return job
 
     def _run(self) -> None:
+        try:  # requests wait in the queue meanwhile
+            self.engine.warm_up()
+        except Exception as e:  # the first request will meet the problem and fail alone
+            print(f"[server] engine warm-up failed: {type(e).__name__}: {e}", flush=True)
         while True:
             if not self.engine.busy:  # idle: wait for work
                 self._start(self._jobs.get())
@@ -150,8 +154,7 @@ class GenerationWorker:
                 for job, _ in self._running.values():
                     job.emit(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
                 self._running.clear()
-                self.engine.pending.clear()
-                self.engine.active.clear()
+                self.engine.drop_all()
                 continue
             for request in finished:
                 job, _ = self._running.pop(id(request))

@@ -9,7 +9,8 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
                           TopPLogitsWarper)
 
 from novelkit.engine import Detokenizer, Engine, Request
-from novelkit.sampling import SamplingParams, penalize_repetition, warp
+from novelkit import sampling
+from novelkit.sampling import Sampler, SamplingParams, penalize_repetition, warp
 from tests.tiny_baichuan import random_model
 
 VOCAB = 1000
@@ -113,6 +114,85 @@ def test_sampling_filters_equal_hf_processors_row_by_row():
     assert (ours[1] > -float("inf")).sum() < VOCAB // 2  # the filters did cut
 
 
+def _hf_filtered(logits, temperature, top_k, top_p):
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    out = TemperatureLogitsWarper(temperature)(ids, logits[None].clone()) if temperature != 1.0 else logits[None]
+    if top_k:
+        out = TopKLogitsWarper(top_k)(ids, out)
+    if top_p < 1.0:
+        out = TopPLogitsWarper(top_p)(ids, out)
+    return out[0]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 0, 0.7), (1.2, 10, 0.9), (1.0, 5, 1.0), (0.7, 0, 0.3)])
+def test_the_sorting_free_draw_has_the_distribution_of_hfs_filters(temperature, top_k, top_p):
+    """50,000 draws of one row through Sampler.choose (and `redraw` for its misses): never a token HF's filters
+    remove, and frequencies within 0.02 total variation of HF's filtered probabilities."""
+    torch.manual_seed(0)
+    vocab, n = 40, 50_000
+    base = torch.randn(vocab, generator=torch.Generator().manual_seed(3)) * 2
+    expected = _hf_filtered(base, temperature, top_k, top_p).softmax(-1)
+    sampler = Sampler(n, vocab, "cpu")
+    params = SamplingParams(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    sampler.params = [params] * n
+    sampler.do_sample[:] = True
+    sampler.temperature[:], sampler.top_k[:], sampler.top_p[:] = temperature, top_k, top_p
+    mode, penalty, seeded = sampler.needs(range(n))
+    assert mode == ("nucleus_top_k" if top_k else "nucleus") and not penalty and not seeded
+    chosen, logits = sampler.choose(base.expand(n, vocab).clone(), slice(0, n), mode, penalty)
+    missed = (chosen < 0).nonzero()[:, 0].tolist()
+    if missed:
+        chosen[missed] = sampler.redraw(logits[missed], missed)
+    if top_p <= 0.3:
+        assert len(missed) > 1000  # (1 - top_p) ** CANDIDATES of the draws: the redraw path ran
+    freq = torch.bincount(chosen, minlength=vocab).float() / n
+    assert freq[expected == 0].sum() == 0
+    assert 0.5 * (freq - expected).abs().sum() < 0.02
+
+
+def test_missed_draws_are_drawn_again_inside_the_nucleus(monkeypatch):
+    """With one candidate per draw and top_p 0.4 most draws miss: every token the engine makes still lies in
+    the set HF's top-p keeps for that step's logits."""
+    monkeypatch.setattr(sampling, "CANDIDATES", 1)
+    model = MODELS["llama"]()
+    engine = Engine(model, max_batch=2, max_len=64)
+    params = SamplingParams(do_sample=True, temperature=0.5, top_p=0.4)
+    requests = engine.run([Request(p, 12, params) for p in _prompts(2)])
+    assert engine.redraws > 5
+    for r in requests:
+        with torch.no_grad():
+            logits = model(torch.tensor([r.prompt + r.tokens])).logits[0, len(r.prompt) - 1:-1]
+        for step, token in enumerate(r.tokens):
+            assert _hf_filtered(logits[step], 0.5, 0, 0.4)[token] > -float("inf"), step
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "baichuan2-7b"])
+def test_fused_weights_give_the_same_tokens_and_leave_the_model_as_it_was(kind):
+    model = MODELS[kind]()
+    ids = torch.tensor([_prompts(1)[0]])
+    with torch.no_grad():
+        before = model(ids).logits
+    prompts = _prompts(3)
+    expected = [_hf_greedy(model, p, 10) for p in prompts]
+    engine = Engine(model, max_batch=3, max_len=64, fuse_weights=True)
+    assert all(engine.cached.gate_up) and all(engine.cached.qkv) == (kind != "baichuan2-7b")
+    assert [r.tokens for r in engine.run([Request(p, 10) for p in prompts])] == expected
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    mlp = model.model.layers[0].mlp  # the module's weights are views of the fused one: no second copy
+    assert mlp.up_proj.weight.data_ptr() == engine.cached.gate_up[0][0][mlp.gate_proj.out_features:].data_ptr()
+
+
+def test_lora_wrapped_projections_are_not_fused():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(MODELS["llama"](), LoraConfig(r=4, target_modules=["q_proj"]))
+    engine = Engine(model, max_batch=2, max_len=64, fuse_weights=True)
+    assert not any(engine.cached.qkv) and all(engine.cached.gate_up)
+    prompt = _prompts(1)[0]
+    assert engine.run([Request(prompt, 8)])[0].tokens == _hf_greedy(model, prompt, 8)
+
+
 def test_seeded_sampling_repeats_and_differs_by_seed():
     model = MODELS["baichuan2-7b"]()
     prompt = _prompts(1)[0]
@@ -202,11 +282,19 @@ def test_the_compiled_decode_step_gives_the_same_tokens():
     assert engine.compiled is not None and engine.slots == 3
     start = time.perf_counter()
     torch._dynamo.reset()
+    engine.warm_up()
     requests = engine.run([Request(p, max_new_tokens=10) for p in prompts])
     if engine.compiled is None:
         pytest.fail("torch.compile fell back to the uncompiled step")
     for r in requests:
         assert r.tokens == _hf_greedy(model, r.prompt, 10)
+    # the compiled sorting-free draw (and fused weights, the default with compile): tokens inside the nucleus
+    sampled = engine.run([Request(p, 8, SamplingParams(do_sample=True, temperature=0.5, top_p=0.4)) for p in prompts])
+    assert engine.compiled is not None and all(engine.cached.qkv)
+    for r in sampled:
+        with torch.no_grad():
+            logits = model(torch.tensor([r.prompt + r.tokens])).logits[0, len(r.prompt) - 1:-1]
+        assert all(_hf_filtered(logits[i], 0.5, 0, 0.4)[t] > -float("inf") for i, t in enumerate(r.tokens))
     single = Engine(model, max_batch=1, max_len=64, compile=True)  # one request still decodes with batch 2
     assert single.slots == 2
     assert single.run([Request(prompts[0], max_new_tokens=5)])[0].tokens == requests[0].tokens[:5]
@@ -227,3 +315,27 @@ def test_kv_cache_is_fitted_to_free_gpu_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (per_slot // 2, 0))
     with pytest.raises(ConfigError, match="lower --max_len"):
         fit_cache_in_memory(model, 16, 100)
+
+
+@pytest.mark.gpu
+def test_on_cuda_graph_replays_draw_fresh_noise_with_the_filters_distribution():
+    """On CUDA the draw (noise included) is compiled and captured in a CUDA graph: each replay must draw anew.
+    With every embedding row equal, the logits are the same at every step, so a replay that reused its noise would
+    repeat its slot's token; the tokens must vary and follow HF's filtered probabilities."""
+    model = MODELS["llama"]().cuda()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:] = model.model.embed_tokens.weight[0]
+        logits = model(torch.tensor([[5]], device="cuda")).logits[0, -1].float().cpu()
+    expected = _hf_filtered(logits, 0.3, 0, 0.8).softmax(-1)
+    assert (expected > 0.05).sum() >= 3  # a nucleus of several likely tokens
+    engine = Engine(model, max_batch=64, max_len=64)
+    assert engine.cuda_graphs and engine.compiled is not None
+    params = SamplingParams(do_sample=True, temperature=0.3, top_p=0.8)
+    runs = [engine.run([Request([5, 6, 7], 9, params) for _ in range(64)]) for _ in range(3)]
+    assert engine.graphs and engine.compiled is not None  # tokens 2..9 came from replays of the compiled step
+    replayed = torch.tensor([r.tokens[1:] for run in runs for r in run])  # (192, 8)
+    varied = sum(len(set(row.tolist())) > 1 for row in replayed)
+    assert varied > 150, varied
+    freq = torch.bincount(replayed.flatten(), minlength=VOCAB).float() / replayed.numel()
+    assert freq[expected == 0].sum() == 0
+    assert 0.5 * (freq - expected).abs().sum() < 0.06
