@@ -339,3 +339,12 @@ def test_on_cuda_graph_replays_draw_fresh_noise_with_the_filters_distribution():
     freq = torch.bincount(replayed.flatten(), minlength=VOCAB).float() / replayed.numel()
     assert freq[expected == 0].sum() == 0
     assert 0.5 * (freq - expected).abs().sum() < 0.06
+
+
+def test_length_buckets_are_few_and_waste_at_most_an_eighth_or_64():
+    from novelkit.engine import length_bucket
+
+    buckets = {n: length_bucket(n, 4096) for n in range(1, 4097)}
+    assert len(set(buckets.values())) == 32
+    assert all(n <= b <= max(n + 63, n * 9 / 8) for n, b in buckets.items())
+    assert length_bucket(5000, 4096) == 4096 and length_bucket(70, 100) == 100
