@@ -133,19 +133,28 @@ def kernel_profile(model, batches, out_dir, steps=20):
         print(f"profiled {shape} batch {batch}", flush=True)
 
 
+def _first_difference(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
 def greedy_equality(model, prompts, new_tokens, engine):
     """Per prompt: first position where the engine's greedy tokens differ from generate's, and generate's top-2
-    logit gap there (a near-tie explains a bf16 divergence)."""
+    logit gap there (a near-tie explains a bf16 divergence). The control: where `generate` itself differs between
+    all prompts in one batch and each alone (same weights, other matrix shapes, so other bf16 rounding)."""
     rows = []
     ours = engine.run([Request(p.tolist(), new_tokens) for p in prompts])
-    for p, r in zip(prompts, ours):
+    greedy = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                  pad_token_id=0)
+    ids = prompts.to(model.device)  # equal lengths: no padding
+    batched = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **greedy)[:, ids.shape[1]:]
+    for p, r, together in zip(prompts, ours, batched.tolist()):
         ids = p[None].to(model.device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
-                             output_scores=True, return_dict_in_generate=True)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), output_scores=True,
+                             return_dict_in_generate=True, **greedy)
         theirs = out.sequences[0, ids.shape[1]:].tolist()
-        first = next((i for i, (a, b) in enumerate(zip(r.tokens, theirs)) if a != b), None)
-        row = {"equal_tokens": first is None, "first_difference": first}
+        first = _first_difference(r.tokens, theirs)
+        row = {"equal_tokens": first is None, "first_difference": first,
+               "generate_batched_vs_alone_first_difference": _first_difference(together, theirs)}
         if first is not None:
             top2 = out.scores[first][0].float().topk(2).values
             spread = out.scores[first][0].float().std().item()
@@ -197,6 +206,7 @@ def main():
     p.add_argument("--tokenizer", default="shared/assets/tokenizers/baichuan2")
     p.add_argument("--data", default="shared/data/csl/clge_val.tsv")
     p.add_argument("--out", default="generate_throughput.json")
+    p.add_argument("--equality-only", action="store_true", help="only the greedy equality check, for --shapes")
     p.add_argument("--profile", default="", help="folder: only write kernel tables of decode steps there, for "
                                                  "--shapes and --batches")
     args = p.parse_args()
@@ -232,6 +242,9 @@ def main():
               flush=True)
         results["equality"][shape] = greedy_equality(model, _prompts(4, vocab, seed=7), 64, engine)
         print("greedy equality:", results["equality"][shape], flush=True)
+        if args.equality_only:
+            Path(args.out).write_text(json.dumps(results, indent=2))
+            continue
         if device == "cuda":
             results.setdefault("step_profile", {})[shape] = [step_profile(engine, b, vocab) for b in args.batches]
             print("step profile:", results["step_profile"][shape], flush=True)

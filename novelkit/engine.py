@@ -175,7 +175,7 @@ class Engine:
     """Continuous batching over a static KV cache (see the module docstring)."""
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 64, max_len: int | None = None,
-                 cuda_graphs: bool | None = None, compile: bool | None = None, fuse_weights: bool | None = None):
+                 cuda_graphs: bool | None = None, compile: bool | None = None, frozen: bool | None = None):
         from .loading import max_positions
 
         self.model, self.tokenizer = model, tokenizer
@@ -202,10 +202,9 @@ class Engine:
             self.max_batch = max_batch = fit_cache_in_memory(inner, max_batch, self.max_len, spare=int(self.compile))
         # a compiled step keeps batch >= 2 (a batch dimension of 1 would be compiled separately): one spare slot
         self.slots = max(max_batch, 2) if self.compile else max_batch
-        # q/k/v and gate/up weights concatenated (engine_model.fuse_linear_weights): for inference only, so by
-        # default where the step is compiled (never for a model being trained)
-        self.cached = CachedModel(model, self.slots, self.max_len,
-                                  fuse_weights=self.compile if fuse_weights is None else fuse_weights)
+        # frozen weights (q/k/v and gate/up fused, NormHead's norms computed once; engine_model.CachedModel): for
+        # inference only, so by default where the step is compiled (never for a model being trained)
+        self.cached = CachedModel(model, self.slots, self.max_len, frozen=self.compile if frozen is None else frozen)
         vocab = inner.get_input_embeddings().weight.shape[0]
         device = self.cached.device
         self.sampler = Sampler(self.slots, vocab, device, compile=self.compile)

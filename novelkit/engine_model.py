@@ -73,7 +73,7 @@ def _rotate_half(x):
 class CachedModel:
     """A causal LM with a static KV cache: `prefill` writes prompts into slots, `decode` adds one token per slot."""
 
-    def __init__(self, model, slots: int, max_len: int, fuse_weights: bool = False):
+    def __init__(self, model, slots: int, max_len: int, frozen: bool = False):
         inner = unwrap(model)
         config = inner.config
         self.model, self.config = inner, config
@@ -91,10 +91,10 @@ class CachedModel:
         self.values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.key_index = torch.arange(max_len, device=self.device)
         self._positional_tables()
-        self.head = self._lm_head()
+        self.head = self._lm_head(frozen)
         self.qkv = [None] * len(self.layers)  # per layer: (weight, bias) of q, k, v in one, or None
         self.gate_up = [None] * len(self.layers)
-        if fuse_weights:
+        if frozen:  # the weights will not change while this cache lives
             for i, layer in enumerate(self.layers):
                 if not self.baichuan:  # Baichuan's W_pack is already one
                     attn = layer.self_attn
@@ -117,13 +117,14 @@ class CachedModel:
             cos, sin = self.model.model.rotary_emb(probe, positions[None])  # the model's own, in its dtype
             self.cos, self.sin = cos[0], sin[0]
 
-    def _lm_head(self):
-        """The LM head as a function of hidden states. Baichuan 2's NormHead divides by its row norms at every call;
-        they are computed once here instead (the same numbers) unless the head is wrapped (LoRA) or quantized."""
+    def _lm_head(self, frozen: bool):
+        """The LM head as a function of hidden states. Baichuan 2's NormHead divides by its row norms at every call
+        (reading the whole matrix once more); for frozen weights they are computed once here instead (the same
+        numbers), unless the head is wrapped (LoRA) or quantized."""
         from .baichuan.modeling_baichuan import NormHead
 
         head = self.model.lm_head
-        if type(head) is NormHead and not head.weight.requires_grad:
+        if type(head) is NormHead and (frozen or not head.weight.requires_grad):
             norms = torch.linalg.vector_norm(head.weight, dim=-1, dtype=torch.float32).clamp(min=1e-12)
             norms = norms.to(head.weight.dtype)
             return lambda h: F.linear(h, head.weight) / norms

@@ -167,15 +167,16 @@ def test_missed_draws_are_drawn_again_inside_the_nucleus(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "baichuan2-7b"])
-def test_fused_weights_give_the_same_tokens_and_leave_the_model_as_it_was(kind):
+def test_frozen_weights_give_the_same_tokens_and_leave_the_model_as_it_was(kind):
     model = MODELS[kind]()
     ids = torch.tensor([_prompts(1)[0]])
     with torch.no_grad():
         before = model(ids).logits
     prompts = _prompts(3)
     expected = [_hf_greedy(model, p, 10) for p in prompts]
-    engine = Engine(model, max_batch=3, max_len=64, fuse_weights=True)
+    engine = Engine(model, max_batch=3, max_len=64, frozen=True)
     assert all(engine.cached.gate_up) and all(engine.cached.qkv) == (kind != "baichuan2-7b")
+    assert (engine.cached.head is model.lm_head) == (kind != "baichuan2-7b")  # NormHead: norms computed once
     assert [r.tokens for r in engine.run([Request(p, 10) for p in prompts])] == expected
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
@@ -187,7 +188,7 @@ def test_lora_wrapped_projections_are_not_fused():
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(MODELS["llama"](), LoraConfig(r=4, target_modules=["q_proj"]))
-    engine = Engine(model, max_batch=2, max_len=64, fuse_weights=True)
+    engine = Engine(model, max_batch=2, max_len=64, frozen=True)
     assert not any(engine.cached.qkv) and all(engine.cached.gate_up)
     prompt = _prompts(1)[0]
     assert engine.run([Request(prompt, 8)])[0].tokens == _hf_greedy(model, prompt, 8)
