@@ -13,7 +13,10 @@ the host one replay and one read of the chosen tokens. On CUDA the model's decod
 torch.compile (inductor) before capture (`compile=False` for a model being trained): it fuses the
 dozens of small kernels per layer that calling the model's own modules costs; batch and cache length are dynamic
 dimensions, so one compilation serves every bucket. A compilation failure logs one line and the engine goes on
-uncompiled. On CPU the same code runs eagerly (compiled only when asked).
+uncompiled. A compiled engine also takes the weights as frozen (inference only): q/k/v and gate/up projections run
+as one matrix product each (engine_model.fuse_linear_weights), and the top-p draw needs no sort of the vocabulary
+(sampling.draw_nucleus; a rare miss is drawn again the sorting way before the token is used). `warm_up()` compiles
+before the first request. On CPU the same code runs eagerly (compiled only when asked).
 
 Models the fast path cannot run (engine_model.fast_path_problem) go through transformers' `generate`, one request
 at a time, behind the same API.
@@ -210,7 +213,9 @@ class Engine:
         self.sampler = Sampler(self.slots, vocab, device, compile=self.compile)
         self.redraws = 0  # rows whose sorting-free draw missed and were drawn again (sampling.py)
         self.compiled = self.cached.compiled_decode() if self.compile else None
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (batch, length, sampling mode, penalty) -> (graph, its outputs: chosen tokens and logits)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.last_graph = None  # the key of the graph replayed last
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.token_buffer = torch.zeros(self.slots, dtype=torch.long, device=device)
         self.position_buffer = torch.zeros(self.slots, dtype=torch.long, device=device)

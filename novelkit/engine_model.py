@@ -3,7 +3,9 @@
 Every sequence lives in its own cache slot from position 0 with its own length, so sequences can join (a prefill
 into a free slot) and leave between decode steps. Only attention, positions and the cache are written here; norms,
 linear layers, MLPs and the LM head are the model's own modules, called as they are, so LoRA (PEFT), bitsandbytes
-4-bit layers and any later change to those modules keep working.
+4-bit layers and any later change to those modules keep working. With `frozen=True` (inference only) plain q/k/v
+and gate/up layers are run as one matrix product each on a concatenated weight, which the layers' own parameters
+then view, and Baichuan 2's NormHead row norms are computed once.
 
 Supported: our Baichuan (RoPE 7B, ALiBi 13B, NormHead) and transformers' Llama / Qwen2 (GQA, qkv bias, tied
 embeddings, RoPE scaling through the model's own rotary module). `fast_path_problem` says why another model cannot

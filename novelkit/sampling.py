@@ -107,6 +107,7 @@ def pick(logits, noise, do_sample, temperature, top_k, top_p, mode: str | None):
     if mode is None:
         return greedy
     if noise is None:
+        # Exp(1) = -log(U); rand may give 0, whose noise would be +inf (that token never drawn): clamped
         noise = -torch.rand_like(logits).clamp(min=torch.finfo(torch.float32).tiny).log()
     drawn = draw_nucleus(logits, noise, temperature, top_k, top_p, mode == "nucleus_top_k")
     return torch.where(do_sample[:, 0], drawn, greedy)
