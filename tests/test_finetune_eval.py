@@ -54,7 +54,9 @@ def test_eval_memory_is_flat_in_the_dev_set_size(shared_data, default_tokenizer,
     ours(8)()  # warm-up: first-call allocations
     small, large = peak_growth_mb(ours(8)), peak_growth_mb(ours(48))
     batch_logits_mb = 4 * LENGTH * VOCAB * 4 / 2**20  # 47 MB
-    assert large - small < batch_logits_mb, (small, large)
+    # one batch's logits may or may not still be resident at the peak, as the allocator reuses or maps anew (in one
+    # full-suite run: 46.6 MB at 8 samples, 93.5 at 48); piling up would be 12 batches at 48 samples
+    assert large - small < 2 * batch_logits_mb, (small, large)
 
     seeds = Trainer(model=model, args=targs, eval_dataset=rows, data_collator=SFTCollator(0),
                     compute_metrics=lambda p: {"n": float(len(p.predictions))})
