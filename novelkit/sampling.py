@@ -170,8 +170,9 @@ class Sampler:
         return (mode, any(p.repetition_penalty != 1.0 for p in params),
                 bool(sampled) and any(self.generators[r] is not None for r in rows))
 
-    def _noise(self, like, rows, seeded: bool):
-        noise = torch.empty_like(like).exponential_()
+    def _noise(self, logits, rows, seeded: bool):
+        """Exp(1) float32 noise of the logits' shape; rows with their own generator draw theirs from it."""
+        noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_()
         if seeded:
             slots = range(rows.start, rows.stop) if isinstance(rows, slice) else rows.tolist()
             for i, slot in enumerate(slots):
@@ -194,10 +195,10 @@ class Sampler:
             drawn = (warp(logits, *settings[1:]).softmax(dim=-1) / self._noise(logits, rows, seeded)).argmax(dim=-1)
             chosen = torch.where(settings[0][:, 0], drawn, logits.argmax(dim=-1))
         elif compiled and self.compiled_pick is not None:
-            noise = self._noise(logits.float(), rows, seeded) if mode and seeded else None
+            noise = self._noise(logits, rows, seeded) if mode and seeded else None
             chosen = self.compiled_pick(logits, noise, *settings, mode=mode)
         else:
-            chosen = pick(logits, self._noise(logits.float(), rows, seeded) if mode else None, *settings, mode)
+            chosen = pick(logits, self._noise(logits, rows, seeded) if mode else None, *settings, mode)
         if penalty:
             self._mark_seen(rows, chosen)
         return chosen, raw
