@@ -16,8 +16,7 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared package next to this script
-
-import gradio as gr
+# novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
 from novelkit.errors import ConfigError, exit_on_error
 from novelkit.formats import Sample, load_samples
@@ -28,6 +27,8 @@ from novelkit.ratings import AXES, SUMMARY_HEADERS, Rating, RatingStore
 from novelkit.readers import read_text
 from novelkit.retrieval import Retriever, recap_for
 from novelkit.templates import default_template_name, encode_prompt, get_template, stop_token_ids
+
+import gradio as gr
 
 PLAIN = get_template("plain")  # continuation: the story text as it is
 TABS = ("chat", "novel", "eval")

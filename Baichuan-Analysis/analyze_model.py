@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
-
-from transformers import AutoModelForCausalLM
+# novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
 from novelkit.errors import exit_on_error
 from novelkit.loading import load_model, resolve_model_path
@@ -22,6 +21,8 @@ from novelkit.memory import GIB, activation_bytes, empty_model, estimate_fp32, e
     parameters_by_component, parameters_by_type
 from novelkit.plots import curves, stacked_bars
 from novelkit.report import human_bytes, human_count, table, write_report
+
+from transformers import AutoModelForCausalLM
 
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 MARGIN = 0.15  # the estimate is within this of the measured peak on tiny models (tests/test_analysis_model.py)

@@ -14,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
+# novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
 from novelkit.chunking import chunk_book
 from novelkit.embedding import Embedder
@@ -27,6 +26,8 @@ from novelkit.outputs import write_json_atomic
 from novelkit.readers import read_books
 from novelkit.retrieval import Retriever, recap_for
 from novelkit.vector_store import VectorStore
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,14 +10,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
-
-from peft import LoraConfig, get_peft_model
+# novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
 from novelkit.errors import exit_on_error
 from novelkit.loading import load_model, load_tokenizer, resolve_model_path
 from novelkit.sft_training import (LoraArguments, load_sft_data, lora_targets, make_trainer, parse_args, save_trained,
                                    train_resuming)
 from novelkit.templates import default_template_name, get_template
+
+from peft import LoraConfig, get_peft_model
 
 
 @exit_on_error

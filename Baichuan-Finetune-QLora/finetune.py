@@ -10,10 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
-
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers.integrations import is_deepspeed_zero3_enabled
+# novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
 from novelkit.errors import exit_on_error
 from novelkit.loading import load_tokenizer, resolve_model_path
@@ -21,6 +18,10 @@ from novelkit.quantization import choose_optimizer, load_4bit_model, prepare_4bi
 from novelkit.sft_training import (LoraArguments, load_sft_data, lora_targets, make_trainer, parse_args, save_trained,
                                    train_resuming)
 from novelkit.templates import default_template_name, get_template
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 
 @exit_on_error

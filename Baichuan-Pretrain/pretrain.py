@@ -12,11 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
-
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
-from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import get_last_checkpoint
+# novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
 from novelkit.errors import ConfigError, exit_on_error
 from novelkit.fast_training import prepare_fast_training
@@ -24,6 +20,11 @@ from novelkit.loading import load_model, load_tokenizer, max_positions, resolve_
 from novelkit.pretraining import (CleaningRules, build_token_cache, iter_corpus_books, load_patterns,
                                   train_eval_blocks)
 from novelkit.zero import join_cpu_processes, prepare_resume
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import get_last_checkpoint
 
 
 @dataclass

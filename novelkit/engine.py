@@ -59,6 +59,12 @@ class Request:
         return self.finish_reason is not None
 
 
+def without_partial_character(text: str) -> str:
+    """The text without a trailing incomplete multi-byte character: byte-fallback pieces of a character the tokens
+    stopped inside (max_tokens reached, a stop token) decode to U+FFFD. A response never ends in half a character."""
+    return text.rstrip("\ufffd")
+
+
 class Detokenizer:
     """Text of the tokens so far, sent on as it becomes final: never half of a multi-byte character (byte-fallback
     pieces decode to U+FFFD until complete), never a possible start of a stop string. Reports a stop string."""
@@ -84,10 +90,12 @@ class Detokenizer:
         cuts = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
         if cuts:
             text, final = text[:min(cuts)], True
+        if final:
+            text = without_partial_character(text)
         self.text = text
         end = len(text)
         if not final:
-            end = len(text.rstrip("\ufffd"))
+            end = len(without_partial_character(text))
             end -= max((k for s in self.stop_strings for k in range(1, len(s)) if text[:end].endswith(s[:k])),
                        default=0)
         if end > self.sent and self.on_text is not None:
@@ -132,7 +140,8 @@ class _Sequence:
             r.text = self.detokenizer.close()
         elif tokenizer is not None:
             ids = r.tokens[:-1] if r.tokens and r.tokens[-1] in self.stop_ids else r.tokens
-            r.text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            r.text = without_partial_character(
+                tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
         r.finish_reason = reason
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .engine import without_partial_character
 from .features import left_pad
 from .templates import encode_prompt, stop_token_ids
 
@@ -77,7 +78,7 @@ def generate_each(model, tokenizer, template, samples, on_response, *, batch_siz
 
 def _response_text(tokenizer, tokens, stops) -> str:
     cut = next((n for n, t in enumerate(tokens) if t in stops), len(tokens))
-    return tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
+    return without_partial_character(tokenizer.decode(tokens[:cut], skip_special_tokens=True)).strip()
 
 
 def _generate_with_hf(model, tokenizer, prompts, order, stops, on_response, batch_size, progress, **gen_kwargs):

@@ -1,4 +1,5 @@
-"""Read JSON lines, JSON arrays, TSV and plain-text novels in UTF-8 (with or without BOM) or GB18030/GBK.
+"""Read JSON lines, JSON arrays, TSV and plain-text novels in UTF-8 (with or without BOM), GB18030/GBK, or UTF-16 /
+UTF-32 with a BOM (Windows Notepad's "Unicode" is UTF-16 LE with a BOM).
 
 Text is decoded with the detected encoding and newlines (CRLF, lone CR) become LF, so line numbers in
 errors are the ones an editor shows. JSON lines and TSV are streamed line by line.
@@ -23,7 +24,12 @@ SNIFF_BYTES = 4 << 20
 _BLOCK_BYTES = 1 << 20
 # Tried in this order: valid UTF-8 is almost never also meant as GB18030, the reverse is common.
 _ENCODINGS = ("utf-8", "gb18030")
-_ENCODING_NAMES = {"utf-8": "UTF-8", "utf-8-sig": "UTF-8", "gb18030": "GB18030"}
+_ENCODING_NAMES = {"utf-8": "UTF-8", "utf-8-sig": "UTF-8", "gb18030": "GB18030", "utf-16": "UTF-16",
+                   "utf-32": "UTF-32"}
+# A byte-order mark names the encoding. UTF-32 LE's mark starts with UTF-16 LE's, so it is looked for first. Python's
+# utf-16 / utf-32 codecs read the mark, take the byte order from it and drop it.
+_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 CSL_TS_COLUMNS = ["task", "abstract", "title"]
 PAIR_COLUMNS = ["title", "text"]
@@ -50,17 +56,17 @@ class Book:
 
 
 def detect_encoding(path) -> str:
-    """"utf-8-sig" when there is a UTF-8 BOM, else "utf-8" if the start decodes strictly, else "gb18030"."""
+    """The encoding a byte-order mark names ("utf-8-sig", "utf-16", "utf-32"), else "utf-8" if the start decodes
+    strictly, else "gb18030"."""
     if not Path(path).exists():
         raise DataError(path, None, "file not found")
     if Path(path).is_dir():
         raise DataError(path, None, "is a folder; expected a file")
     with open(path, "rb") as f:
         head = f.read(SNIFF_BYTES)
-    if head.startswith(codecs.BOM_UTF8):
-        return "utf-8-sig"
-    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise DataError(path, 1, "UTF-16/UTF-32 text is not supported; save the file as UTF-8")
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding
     whole_file = len(head) < SNIFF_BYTES
     failures = {}
     for encoding in _ENCODINGS:
@@ -100,8 +106,12 @@ def _first_bad_byte_in_file(path, encoding: str) -> tuple[int, int]:
             offset += len(block)
 
 
-def _line_at(path, offset: int) -> int:
+def _line_at(path, offset: int, encoding: str = "utf-8") -> int:
     """1-based line of byte `offset`, counting LF, CRLF and lone CR as one line break each."""
+    if encoding in ("utf-16", "utf-32"):  # newline bytes are not single bytes: count in the decoded text before it
+        with open(path, "rb") as f:
+            text = f.read(offset).decode(encoding, errors="replace")
+        return 1 + text.count("\n") + text.count("\r") - text.count("\r\n")
     line, remaining, previous_cr = 1, offset, False
     with open(path, "rb") as f:
         while remaining > 0:
@@ -124,7 +134,7 @@ def _undecodable(path, encoding: str, offset: int, byte: int, tried_both: bool) 
         how = f"is not valid {name} (the encoding was detected from the start of the file)"
     return DataError(
         path,
-        _line_at(path, offset),
+        _line_at(path, offset, encoding),
         f"cannot decode: byte 0x{byte:02x} at offset {offset} {how}; save the file as UTF-8",
     )
 

@@ -19,7 +19,7 @@ from novelkit.baichuan import (
     tiny_config,
 )
 from novelkit.baichuan.convert_to_llama import convert_to_llama, main as convert_main
-from novelkit.baichuan.modeling_baichuan import NormHead
+from novelkit.baichuan.modeling_baichuan import CACHE_KEY, NormHead
 from novelkit.errors import ModelError
 from tiny_baichuan import random_model
 
@@ -321,12 +321,16 @@ def test_kv_cache_matches_recomputation(variant):
     with torch.no_grad():
         # Chunked prefill: 5 tokens, then 3 more against the cache, equals one full forward.
         full = model(input_ids, attention_mask=attention_mask).logits
-        cache = DynamicCache()
-        first = model(input_ids[:, :5], attention_mask=attention_mask[:, :5], past_key_values=cache).logits
-        rest = model(input_ids[:, 5:], attention_mask=attention_mask, past_key_values=cache).logits
-        assert cache.get_seq_length() == 8
-        keep = attention_mask.bool()
-        torch.testing.assert_close(torch.cat([first, rest], 1)[keep], full[keep], atol=1e-5, rtol=1e-5)
+        # under the installed transformers' name for the cache, and under the other one (older callers)
+        for first_key, rest_key in ((CACHE_KEY, CACHE_KEY), ("past_key_values", "cache")):
+            cache = DynamicCache()
+            out = model(input_ids[:, :5], attention_mask=attention_mask[:, :5], **{first_key: cache})
+            assert getattr(out, CACHE_KEY) is cache
+            first = out.logits
+            rest = model(input_ids[:, 5:], attention_mask=attention_mask, **{rest_key: cache}).logits
+            assert cache.get_seq_length() == 8
+            keep = attention_mask.bool()
+            torch.testing.assert_close(torch.cat([first, rest], 1)[keep], full[keep], atol=1e-5, rtol=1e-5)
 
     kwargs = dict(attention_mask=attention_mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     cached = model.generate(input_ids, use_cache=True, output_scores=True, **kwargs)
@@ -337,6 +341,35 @@ def test_kv_cache_matches_recomputation(variant):
     for row, length in enumerate([8, 5]):
         alone = model.generate(input_ids[row : row + 1, 8 - length :], max_new_tokens=8, do_sample=False)
         assert torch.equal(alone[0, length:], cached.sequences[row, 8:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_beam_search_and_several_sequences(variant):
+    """Beam search reorders the cache between steps: with and without the cache it returns the same beams, and each
+    returned beam's score is its log-probability recomputed by one full forward (length_penalty 0: the plain sum)."""
+    model = random_model(variant)
+    input_ids, attention_mask = left_padded_batch([8, 5], 8, seed=1)
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=6, num_beams=3, num_return_sequences=2,
+                  length_penalty=0.0, do_sample=False, return_dict_in_generate=True, output_scores=True,
+                  eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id)
+    cached = model.generate(input_ids, use_cache=True, **kwargs)
+    recomputed = model.generate(input_ids, use_cache=False, **kwargs)
+    assert cached.sequences.shape[0] == 4  # 2 prompts x 2 returned beams
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(cached.sequences_scores, recomputed.sequences_scores, atol=1e-5, rtol=1e-5)
+
+    mask = torch.cat([attention_mask.repeat_interleave(2, 0),
+                      torch.ones(4, cached.sequences.shape[1] - 8, dtype=torch.long)], 1)
+    with torch.no_grad():
+        logprobs = model(cached.sequences, attention_mask=mask).logits.float().log_softmax(-1)
+    for row in range(4):
+        total = 0.0
+        for position in range(8, cached.sequences.shape[1]):
+            token = cached.sequences[row, position].item()
+            total += logprobs[row, position - 1, token].item()
+            if token == model.config.eos_token_id:
+                break
+        assert abs(total - cached.sequences_scores[row].item()) < 1e-4
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -222,7 +222,7 @@ def test_stop_ids_stop_strings_and_streaming_pieces():
     assert ignored.tokens == free and ignored.finish_reason == "length"
 
     tokenizer = _CharTokenizer()
-    text = tokenizer.decode(free)
+    text = tokenizer.decode(free).rstrip("\ufffd")  # a response never ends in half a character
     pieces = []
     streamed = Engine(model, tokenizer, max_batch=2, max_len=64).run(
         [Request(prompt, 30, on_text=pieces.append)])[0]
@@ -248,6 +248,32 @@ def test_streamed_pieces_never_split_a_character_or_show_a_stop_string_start():
         assert "\ufffd" not in "".join(pieces) and "E" not in "".join(pieces)
     assert hit_at == len("雨下了一整夜。END".encode()) - 1
     assert detokenizer.close() == "".join(pieces) == "雨下了一整夜。"
+
+
+def test_a_response_that_ends_inside_a_character_drops_the_partial_character():
+    """max_new_tokens reached after the first byte-fallback piece of a multi-byte character: the text (streamed or
+    not) ends before that character instead of in U+FFFD, and the request still holds every generated token."""
+    pieces = []
+    detokenizer = Detokenizer(_CharTokenizer(), [], pieces.append)
+    for byte in "雨下了".encode()[:-1]:
+        detokenizer.add(byte)
+    assert detokenizer.close() == "".join(pieces) == "雨下"
+
+    model, tokenizer = MODELS["llama"](), _CharTokenizer()
+    # a greedy continuation with a lead byte (0xc2-0xf4) among its tokens: cut just after it
+    cases = [(prompt, free[:free.index(t) + 1]) for prompt in _prompts(6, seed=3)
+             for free in [_hf_greedy(model, prompt, 40)] for t in free if 0xC2 <= t <= 0xF4]
+    assert cases, "no generated lead byte to cut after"
+    prompt, tokens = cases[0]
+    assert tokenizer.decode(tokens).endswith("\ufffd")
+    for streaming in (False, True):
+        pieces = []
+        r = Engine(model, tokenizer, max_batch=2, max_len=64).run(
+            [Request(prompt, len(tokens), on_text=pieces.append if streaming else None)])[0]
+        assert r.finish_reason == "length" and r.tokens == tokens
+        assert r.text == tokenizer.decode(tokens).rstrip("\ufffd") and not r.text.endswith("\ufffd")
+        if streaming:
+            assert "".join(pieces) == r.text
 
 
 def test_too_long_requests_are_refused():

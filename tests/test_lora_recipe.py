@@ -81,6 +81,21 @@ def test_predict_writes_predictions_and_metrics(trained, csl_files):
         assert set(metrics[key]) == {"rouge-1", "rouge-2", "rouge-l"}
         assert all(0 <= metrics[key][m][s] <= 1 for m in metrics[key] for s in "prf")
     assert "| metric | P | R | F |" in log and "| rouge-l |" in log  # the markdown table is printed
+    assert_no_dependency_noise(log)
+
+
+# What dependencies printed on every run before novelkit.versions.quiet_dependency_noise (bitsandbytes' optional CPU
+# kernel, peft reading a deprecated transformers property, the cache's old keyword, DeepSpeed on a CPU, pinned memory).
+NOISE = ("Failed to load CPU gemm_4bit_forward", "is_gradient_checkpointing", "past_key_values",
+         "Setting accelerator to CPU", "pin_memory", "FutureWarning")
+
+
+def assert_no_dependency_noise(log):
+    assert not [line for line in log.splitlines() if any(noise in line for noise in NOISE)], log[-3000:]
+
+
+def test_training_console_shows_no_dependency_noise(trained):
+    assert_no_dependency_noise(trained[1])
 
 
 def test_adapter_reload_gives_identical_logits_and_merge_matches(trained, tmp_path):

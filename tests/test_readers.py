@@ -1,9 +1,11 @@
+import codecs
 import json
 
 import pytest
 
 from novelkit import readers
 from novelkit.errors import DataError
+from novelkit.bookstream import stream_chapters
 from novelkit.readers import Book, Record, detect_encoding, iter_records, read_books, read_text
 
 
@@ -100,11 +102,30 @@ def test_undecodable_byte_after_the_sniff_is_found_while_streaming(tmp_path, mon
     assert_data_error(excinfo, path, 2001, "0xc3", f"offset {offset}", "UTF-8")
 
 
-def test_utf16_is_refused(tmp_path):
-    path = write(tmp_path / "a.jsonl", '{"text": "x"}\n'.encode("utf-16"))
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_utf16_and_utf32_with_bom(tmp_path, encoding):
+    """Windows Notepad's "Unicode" (UTF-16 LE with a BOM) and the other byte orders and widths are read as text."""
+    bom = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE,
+           "utf-32-le": codecs.BOM_UTF32_LE, "utf-32-be": codecs.BOM_UTF32_BE}[encoding]
+    novel = "第一章 开端\r\n他走进了雨里。\r\n第二章 归来\r\n雨停了。\r\n"
+    path = write(tmp_path / "小说.txt", bom + novel.encode(encoding))
+    assert read_text(path) == novel.replace("\r\n", "\n")
+    assert [b.text for b in read_books(path)] == [novel.replace("\r\n", "\n")]
+    parts = list(stream_chapters(path))
+    assert [p.title for p in parts] == ["第一章 开端", "第二章 归来"]
+    lines = '{"instruction": "续写", "output": "雨"}\r\n{"instruction": "问", "output": "答"}\n'
+    records = list(iter_records(write(tmp_path / "a.jsonl", bom + lines.encode(encoding))))
+    assert [(r.line, r.data["output"]) for r in records] == [(1, "雨"), (2, "答")]
+
+
+def test_utf16_bad_sequence_names_its_line(tmp_path):
+    """A lone surrogate on line 3 of a UTF-16 file: the error names line 3, counted in characters, not bytes."""
+    data = codecs.BOM_UTF16_LE + '{"text": "一"}\n{"text": "二"}\n{"text": "'.encode("utf-16-le")
+    data += b"\x00\xd8" + '"}\n'.encode("utf-16-le")  # U+D800 alone
+    path = write(tmp_path / "a.jsonl", data)
     with pytest.raises(DataError) as excinfo:
-        detect_encoding(path)
-    assert_data_error(excinfo, path, 1, "UTF-16")
+        list(iter_records(path))
+    assert_data_error(excinfo, path, 3, "UTF-16")
 
 
 # ---------------------------------------------------------------- JSON lines

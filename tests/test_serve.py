@@ -87,6 +87,7 @@ def reference(adapter, default_model_dir):
             torch.set_num_threads(threads)
 
     answer.tokenizer, answer.template, answer.base = tokenizer, template, base
+    answer.threads = torch.get_num_threads()
     return answer
 
 
@@ -132,6 +133,33 @@ def test_completion_is_raw_text_and_streams_the_same_text(client, reference):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_a_completion_never_ends_in_half_a_character(client, reference, adapter, default_model_dir):
+    """max_tokens that ends inside a multi-byte character (its byte-fallback pieces decode to U+FFFD): the response
+    ends before that character, streamed or not, and usage still counts every generated token."""
+    from novelkit.engine import Engine, Request
+
+    tokenizer, plain = reference.tokenizer, get_template("plain")
+    lora = load_model(str(default_model_dir), adapter=str(adapter))
+    torch.set_num_threads(1)  # as the server runs
+    try:
+        cases = []
+        for prompt in ("雨下了一整夜。", "青云山的雨，", "天色已晚，", "第一章", "他走进了"):
+            ids = encode_prompt(tokenizer, plain, Sample(prompt=prompt, response=""))
+            tokens = Engine(lora, max_batch=1, max_len=len(ids) + 24).run([Request(ids, 24)])[0].tokens
+            cases += [(prompt, n) for n in range(1, len(tokens) + 1)
+                      if tokenizer.decode(tokens[:n], skip_special_tokens=True).endswith("\ufffd")][:1]
+    finally:
+        torch.set_num_threads(reference.threads)
+    assert cases, "no greedy continuation stops inside a character"
+    for prompt, n in cases:
+        r = client.completions.create(model="m", prompt=prompt, temperature=0, max_tokens=n)
+        text = r.choices[0].text
+        assert not text.endswith("\ufffd") and r.usage.completion_tokens == n
+        pieces = [c.choices[0].text for c in client.completions.create(model="m", prompt=prompt, temperature=0,
+                                                                        max_tokens=n, stream=True)]
+        assert "".join(pieces) == text and "\ufffd" not in pieces
 
 
 def test_stop_strings_cut_the_answer(client):

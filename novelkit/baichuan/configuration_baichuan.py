@@ -31,7 +31,8 @@ class BaichuanConfig(PretrainedConfig):
     """Configuration of a Baichuan 1/2 model. Without arguments: the Baichuan-13B sizes (ALiBi, plain lm_head)."""
 
     model_type = "baichuan"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # the cache's output name, old and new (modeling_baichuan.CACHE_KEY): not a prediction Trainer should gather
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ and an opt-in chunked loss that never makes the training logits (`chunked_loss =
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -31,6 +32,18 @@ from ..chunked_loss import is_partitioned, linear_cross_entropy
 from .configuration_baichuan import BaichuanConfig
 
 ROPE_BASE = 10000.0
+
+# The name under which the installed transformers carries the KV cache between `generate` and `forward`, and in model
+# outputs: `past_key_values` up to 5.2x, `cache` since (GenerationMixin's model_kwargs, the output dataclasses'
+# fields). Read from the output class the installed version declares; forward accepts both names.
+CACHE_KEY = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+def cache_argument(cache, past_key_values):
+    """The cache passed under either name (a caller may use the old one on a new transformers, or the reverse)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache once, as `cache` or as `past_key_values`")
+    return cache if cache is not None else past_key_values
 
 
 class BaichuanRMSNorm(nn.Module):
@@ -171,7 +184,7 @@ class BaichuanAttention(nn.Module):
         self.W_pack = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, mask, cos, sin, past_key_values):
+    def forward(self, hidden_states, mask, cos, sin, cache):
         """`mask`: None (causal, no padding), boolean (True = may attend), float (ALiBi bias, added to the scores), or
         a (cu_seqlens, longest) pair for packed rows on the GPU (variable-length flash attention)."""
         batch_size, query_length, _ = hidden_states.shape
@@ -184,8 +197,8 @@ class BaichuanAttention(nn.Module):
             flat = [t.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim) for t in (query, key, value)]
             output = varlen_causal_attention(*flat, cu_seqlens, longest)
             return self.o_proj(output.reshape(batch_size, query_length, -1))
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         with sdpa_kernel(SDPA_BACKENDS):
             # Without a mask (no padding), is_causal lets SDPA use flash attention.
             output = F.scaled_dot_product_attention(
@@ -224,10 +237,8 @@ class BaichuanDecoderLayer(nn.Module):
         self.input_layernorm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, mask, cos, sin, past_key_values):
-        hidden_states = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), mask, cos, sin, past_key_values
-        )
+    def forward(self, hidden_states, mask, cos, sin, cache):
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), mask, cos, sin, cache)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -256,7 +267,7 @@ class BaichuanPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BaichuanDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_KEY]
     # Attention always runs through torch's scaled_dot_product_attention.
     _supports_sdpa = True
     # Baichuan-7B checkpoints carry a per-layer RoPE buffer; the angles are recomputed here.
@@ -291,11 +302,14 @@ class BaichuanModel(BaichuanPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ):
         """`attention_mask` is the usual 2D (batch, past + new tokens) 0/1 mask. `position_ids` (RoPE models only)
-        default to positions counted over the mask. Extra keyword arguments that `generate` passes in some transformers
-        versions (e.g. `cache_position`) are not needed and ignored."""
+        default to positions counted over the mask. The KV cache comes as `cache` or `past_key_values` (see
+        CACHE_KEY). Extra keyword arguments that `generate` passes in some transformers versions (e.g.
+        `cache_position`) are not needed and ignored."""
+        cache = cache_argument(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if output_attentions:
@@ -309,13 +323,13 @@ class BaichuanModel(BaichuanPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if self.gradient_checkpointing and self.training:
             # The recomputation in backward would write the keys and values a second time.
-            use_cache, past_key_values = False, None
+            use_cache, cache = False, None
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past_length = cache.get_seq_length() if cache is not None else 0
         query_length = inputs_embeds.shape[1]
         device = inputs_embeds.device
         if attention_mask is not None and attention_mask.shape[-1] != past_length + query_length:
@@ -357,7 +371,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
             if self.gradient_checkpointing and self.training and getattr(layer, "gradient_checkpointing", True):
                 hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states, mask, cos, sin, None)
             else:
-                hidden_states = layer(hidden_states, mask, cos, sin, past_key_values)
+                hidden_states = layer(hidden_states, mask, cos, sin, cache)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             # As the original: the last entry is the output after the final norm.
@@ -365,8 +379,8 @@ class BaichuanModel(BaichuanPreTrainedModel):
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            **{CACHE_KEY: cache if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
 
@@ -417,6 +431,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        cache: Cache | None = None,
         **kwargs,
     ):
         """`labels` are the input ids (shifted inside, -100 = ignored). `logits_to_keep`: compute logits for the last
@@ -425,7 +440,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -440,8 +455,8 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
                 weight = F.normalize(weight, dim=-1)
             loss = linear_cross_entropy(hidden_states[:, :-1], weight, labels[:, 1:],
                                         z_loss_weight=getattr(self.config, "z_loss_weight", None) or 0.0)
-            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                          hidden_states=outputs.hidden_states)
+            return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                          **{CACHE_KEY: getattr(outputs, CACHE_KEY)})
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)
@@ -453,8 +468,8 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{CACHE_KEY: getattr(outputs, CACHE_KEY)},
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return output if return_dict else output.to_tuple()
