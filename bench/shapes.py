@@ -5,7 +5,8 @@
     python bench/shapes.py baichuan2-7b /tmp/b7 [--layers N]                # a from_pretrained folder (+ tokenizer)
 
 Weights are drawn on the target device, so a 7B model is ready in seconds. The Baichuan 2 shapes are the published
-configs (Baichuan-Analysis/configs); Qwen2-1.5B is written out below from its published config.json.
+configs (Baichuan-Analysis/configs); Baichuan-7B, Qwen2-1.5B and Llama 3 8B are written out below from their
+published config.json files.
 """
 
 from __future__ import annotations
@@ -28,7 +29,22 @@ QWEN2_1_5B = {
     "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151643, "initializer_range": 0.02,
     "use_sliding_window": False,
 }
-SHAPES = ("baichuan2-7b", "baichuan2-13b", "qwen2-1.5b")
+# Baichuan-7B (Baichuan 1: RoPE, plain lm_head, 64k vocabulary) from its published config.json
+BAICHUAN_7B = {
+    "architectures": ["BaiChuanForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 4096, "vocab_size": 64000,
+    "rms_norm_eps": 1e-6, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+}
+# Llama 3 8B (GQA, 128k vocabulary, rope_theta 500000) from its published config.json
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+    "vocab_size": 128256, "bos_token_id": 128000, "eos_token_id": 128001, "initializer_range": 0.02,
+}
+# --tiny: the same kind of model, small enough for a CPU dry run of the GPU suite (the vocabulary stays: tokenizers)
+TINY = {"hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 4}
+SHAPES = ("baichuan-7b", "baichuan2-7b", "baichuan2-13b", "qwen2-1.5b", "llama3-8b")
 
 
 def model_config(shape: str, **overrides):
@@ -36,6 +52,14 @@ def model_config(shape: str, **overrides):
         from transformers import Qwen2Config
 
         return Qwen2Config(**{**QWEN2_1_5B, **overrides})
+    if shape == "llama3-8b":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**{**LLAMA3_8B, **overrides})
+    if shape == "baichuan-7b":
+        from novelkit.baichuan import BaichuanConfig
+
+        return BaichuanConfig(**{**BAICHUAN_7B, **overrides})
     if shape in ("baichuan2-7b", "baichuan2-13b"):
         from novelkit.baichuan import BaichuanConfig
 
@@ -78,8 +102,13 @@ def main():
     parser.add_argument("--layers", type=int, default=0, help="num_hidden_layers (0: the shape's own)")
     parser.add_argument("--tokenizer", default="", help="tokenizer folder copied beside the weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="hidden size 64 (vocabulary kept): CPU dry runs")
     args = parser.parse_args()
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    if args.tiny:
+        overrides.update(TINY)
+    if args.tiny and args.shape in ("qwen2-1.5b", "llama3-8b"):
+        overrides["num_key_value_heads"] = 2
     model = build_model(args.shape, device=args.device, **overrides)
     model.save_pretrained(args.out)
     if args.tokenizer:

@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import StoppingCriteria
 
+from .compile_cache import remember_compiled, step_key
 from .engine_model import CachedModel, fast_path_problem, unwrap
 from .sampling import Sampler, SamplingParams
 
@@ -183,6 +184,13 @@ def fit_cache_in_memory(model, max_batch: int, max_len: int, spare: int = 0, sha
     return min(fit, max_batch)
 
 
+def engine_step_key(model, frozen: bool = True) -> str:
+    """compile_cache's key of the decode step an engine on `model` compiles."""
+    inner = unwrap(model)
+    weight = inner.get_input_embeddings().weight
+    return step_key(inner.config, weight.dtype, weight.device, frozen)
+
+
 class Engine:
     """Continuous batching over a static KV cache (see the module docstring)."""
 
@@ -215,13 +223,15 @@ class Engine:
         # a compiled step keeps batch >= 2 (a batch dimension of 1 would be compiled separately): one spare slot
         self.slots = max(max_batch, 2) if self.compile else max_batch
         # frozen weights (q/k/v and gate/up fused, NormHead's norms computed once; engine_model.CachedModel): for
-        # inference only, so by default where the step is compiled (never for a model being trained)
-        self.cached = CachedModel(model, self.slots, self.max_len, frozen=self.compile if frozen is None else frozen)
+        # inference only, so by default wherever CUDA graphs run; a model being trained passes frozen=False
+        frozen = self.cuda_graphs or self.compile if frozen is None else frozen
+        self.cached = CachedModel(model, self.slots, self.max_len, frozen=frozen)
         vocab = inner.get_input_embeddings().weight.shape[0]
         device = self.cached.device
         self.sampler = Sampler(self.slots, vocab, device, compile=self.compile)
         self.redraws = 0  # rows whose sorting-free draw missed and were drawn again (sampling.py)
         self.compiled = self.cached.compiled_decode() if self.compile else None
+        self.compile_key = step_key(inner.config, self.cached.dtype, device, frozen) if self.compile else None
         # (batch, length, sampling mode, penalty) -> (graph, its outputs: chosen tokens and logits)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.last_graph = None  # the key of the graph replayed last
@@ -389,7 +399,11 @@ class Engine:
         if self.compiled is not None:
             capturing = self.cuda_graphs and torch.cuda.is_current_stream_capturing()
             try:
-                return self.compiled(tokens, positions, length)
+                logits = self.compiled(tokens, positions, length)
+                if self.compile_key is not None:  # compiled once: its kernels are now in the compile cache
+                    remember_compiled(self.compile_key)
+                    self.compile_key = None
+                return logits
             except Exception as error:  # compilation must never break generation
                 if capturing:
                     raise  # _replay falls back and captures again

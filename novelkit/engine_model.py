@@ -19,6 +19,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .compile_cache import use_compile_cache
+
 SUPPORTED = ("baichuan", "llama", "qwen2")
 
 
@@ -225,6 +227,7 @@ class CachedModel:
         """`decode_over` through torch.compile (inductor): the ~40 small kernels per layer of the module-calling
         step (norms, RoPE, cache write, mask) fuse into a few. Batch and length are dynamic dimensions, so one
         compilation serves every (batch, length) bucket; batch must be >= 2 (a size of 1 would be specialised)."""
+        use_compile_cache()
         compiled = torch.compile(self.decode_over)
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 

@@ -19,6 +19,7 @@ import sys
 import torch
 
 from .chunked_loss import IGNORE_INDEX, is_partitioned, linear_cross_entropy, shift_for_next_token
+from .compile_cache import use_compile_cache
 
 
 def base_model(model):
@@ -83,6 +84,7 @@ def compile_layers(model) -> bool:
     layers = decoder_layers(model)
     if not layers or not torch.cuda.is_available():
         return False
+    use_compile_cache()
     for layer in layers:
         layer.compile()
     return True

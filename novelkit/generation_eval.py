@@ -30,7 +30,7 @@ class GenerationEvaluator:
     def __call__(self, model) -> dict[str, float]:
         gen = generation_kwargs(model, max_new_tokens=self.max_new_tokens, do_sample=False)
         responses = generate_responses(model, self.tokenizer, self.template, self.samples,
-                                       batch_size=self.batch_size, progress=False, **gen)
+                                       batch_size=self.batch_size, progress=False, in_training=True, **gen)
         scores = score_responses(responses, [s.response for s in self.samples])
         headline = {name: stats["f"] for name, stats in scores["rouge-chinese/word"].items()}
         if "ner" in scores:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .compile_cache import use_compile_cache
+
 
 @dataclass
 class SamplingParams:
@@ -114,6 +116,7 @@ def pick(logits, noise, do_sample, temperature, top_k, top_p, mode: str | None):
 
 
 def _compiled_pick():
+    use_compile_cache()
     compiled = torch.compile(pick)
 
     def call(logits, noise, *rows, mode):

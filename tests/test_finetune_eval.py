@@ -62,3 +62,42 @@ def test_eval_memory_is_flat_in_the_dev_set_size(shared_data, default_tokenizer,
                     compute_metrics=lambda p: {"n": float(len(p.predictions))})
     gathered = peak_growth_mb(seeds.evaluate)
     assert gathered - small > 6 * batch_logits_mb, (small, gathered)  # the test does see logits pile up
+
+
+def test_evaluation_during_training_leaves_the_model_trainable(default_model_dir, tmp_path, monkeypatch):
+    """The GPU crash after the first evaluation ("Inference tensors cannot be saved for backward"): the Trainer puts
+    the model in eval mode before the evaluator generates, and an engine that took that for "not being trained" froze
+    its weights (gate/up fused into a tensor made under inference mode). The CPU takes the GPU's path here: an engine
+    not told otherwise freezes its weights, as a compiled one does on a GPU."""
+    from peft import LoraConfig, get_peft_model
+
+    from novelkit import engine
+    from novelkit.loading import load_model, load_tokenizer
+    from novelkit.sft_training import load_sft_data
+
+    original = engine.Engine.__init__
+
+    def gpu_defaults(self, *args, compile=None, frozen=None, **kwargs):
+        original(self, *args, compile=compile, frozen=(compile is not False) if frozen is None else frozen, **kwargs)
+
+    monkeypatch.setattr(engine.Engine, "__init__", gpu_defaults)
+    tokenizer = load_tokenizer(str(default_model_dir))
+    model = get_peft_model(load_model(str(default_model_dir)), LoraConfig(r=4, target_modules=["W_pack"]))
+    template = get_template("baichuan2")
+    root = Path(__file__).resolve().parents[1] / "data_examples" / "sft"
+    args = DataArguments(data=str(root / "train.jsonl"), dev=str(root / "dev.jsonl"), max_length=96, eval_samples=2,
+                         eval_max_new_tokens=8, packing="false", compile_layers="false")
+    targs = TrainingArguments(output_dir=str(tmp_path), max_steps=4, eval_strategy="steps", eval_steps=2,
+                              per_device_train_batch_size=2, per_device_eval_batch_size=2, learning_rate=1e-3,
+                              save_strategy="no", report_to="none", use_cpu=True, logging_steps=1)
+    trainer = make_trainer(model, tokenizer, template, targs, load_sft_data(tokenizer, template, args), args)
+    trainer.train()  # crashed at step 3 before the fix
+
+    history = trainer.state.log_history
+    assert sum("eval_rouge-1" in h for h in history) == 2 and trainer.state.global_step == 4
+    assert len([h["loss"] for h in history if "loss" in h]) == 4  # trained on after each evaluation
+    assert not [n for n, p in model.named_parameters() if p.is_inference()]
+    # no parameter became a view into another's storage (a frozen engine fuses gate/up; saving would then fail)
+    storages = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(storages) == len(set(storages))
+    model.save_pretrained(tmp_path / "adapter")

@@ -144,12 +144,18 @@ def test_a_completion_never_ends_in_half_a_character(client, reference, adapter,
     lora = load_model(str(default_model_dir), adapter=str(adapter))
     torch.set_num_threads(1)  # as the server runs
     try:
+        # openings of the bundled novels' lines: greedy continuations that stop inside a character (the tiny model
+        # writes rare characters as byte pieces) are common, but which ones depends on the built model's weights
+        novels = sorted((ROOT / "data_examples" / "novels").glob("*.txt"))
+        lines = [line.strip()[:8] for path in novels for line in path.read_text().splitlines() if line.strip()]
         cases = []
-        for prompt in ("雨下了一整夜。", "青云山的雨，", "天色已晚，", "第一章", "他走进了"):
+        for prompt in lines[:60]:
             ids = encode_prompt(tokenizer, plain, Sample(prompt=prompt, response=""))
-            tokens = Engine(lora, max_batch=1, max_len=len(ids) + 24).run([Request(ids, 24)])[0].tokens
+            tokens = Engine(lora, max_batch=1, max_len=len(ids) + 32).run([Request(ids, 32)])[0].tokens
             cases += [(prompt, n) for n in range(1, len(tokens) + 1)
                       if tokenizer.decode(tokens[:n], skip_special_tokens=True).endswith("\ufffd")][:1]
+            if len(cases) == 3:
+                break
     finally:
         torch.set_num_threads(reference.threads)
     assert cases, "no greedy continuation stops inside a character"

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# What the GPU recipe suite (bench/gpu_recipes.py) needs on the GPU machine, which has no registry and no ../shared:
+# .whl/ (wheels of the packages its image lacks, at the lock's versions) and .gpu/ (tokenizers and data copied from
+# ../shared), both ignored by git and named in the device call's `carry`. One group per call (64 MiB in all):
+#   bash bench/gpu_carry.sh recipes    # deepspeed, jieba, bitsandbytes; CSL, two novels, the Baichuan 2 tokenizer
+#   bash bench/gpu_carry.sh serving    # fastapi, uvicorn, openai, gradio (+ their needs), jieba; CSL, the tokenizer
+# Two wheels are cut down to what runs there, to fit: bitsandbytes keeps its CUDA 13.0 and CPU libraries (the
+# machine's torch is cu130; 43 -> ~3 MB), jieba its dictionary and HMM (no POS tagger or keyword models; 19 -> ~4 MB).
+set -euo pipefail
+group=${1:?usage: gpu_carry.sh recipes|serving}
+cd "$(git rev-parse --show-toplevel)"
+for d in /.whl/ /.gpu/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
+rm -rf .whl .gpu && mkdir -p .whl .gpu/tokenizers .gpu/data/csl .gpu/data/novels
+shared=../shared
+cp -r "$shared/assets/tokenizers/baichuan2" .gpu/tokenizers/
+cp "$shared/data/csl/clge_val.tsv" .gpu/data/csl/
+
+lock() { grep -iE "^${1//[-_]/[-_]}==" constraints.txt | head -1; }
+bin=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+     --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+get() { for p in "$@"; do python3 -m pip download -q --no-deps "${bin[@]}" -d .whl "$(lock "$p")"; done; }
+build() { for p in "$@"; do python3 -m pip wheel -q --no-deps -w .whl "$(lock "$p")"; done; }
+prune() {  # prune WHEEL KEEP_REGEX: drop files not matching from the wheel, and their RECORD lines
+  python3 - "$@" <<'EOF'
+import re, sys, zipfile
+path, keep = sys.argv[1], re.compile(sys.argv[2])
+with zipfile.ZipFile(path) as z:
+    items = [(i, z.read(i)) for i in z.infolist()]
+kept = [(i, data) for i, data in items if keep.search(i.filename) or ".dist-info/" in i.filename]
+names = {i.filename for i, _ in kept}
+with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+    for i, data in kept:
+        if i.filename.endswith(".dist-info/RECORD"):
+            data = "".join(l + "\n" for l in data.decode().splitlines() if l.split(",")[0] in names).encode()
+        z.writestr(i, data)
+EOF
+}
+
+build jieba
+prune .whl/jieba-*.whl '^jieba/(__init__|_compat|__main__)\.py$|^jieba/dict\.txt$|^jieba/finalseg/'
+case $group in
+  recipes)
+    build deepspeed hjson
+    get pydantic pydantic_core annotated-types typing-inspection bitsandbytes
+    prune .whl/bitsandbytes-*.whl '^bitsandbytes/(?!libbitsandbytes_(cuda(?!130)|rocm|xpu))'
+    cp "$shared/data/novels/xiyouji.txt" "$shared/data/novels/hongloumeng.txt" .gpu/data/novels/ ;;
+  serving)
+    get pydantic pydantic_core annotated-types typing-inspection fastapi starlette uvicorn opentelemetry-api \
+        openai jiter distro sniffio httpx2 httpcore2 truststore gradio gradio_client hf-gradio safehttpx groovy \
+        orjson python-multipart tomlkit semantic-version brotli pydub ;;
+  *) echo "unknown group $group (recipes, serving)" >&2; exit 2 ;;
+esac
+du -sh .whl .gpu
+echo "carry: .whl .gpu (with the tracked files: $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes)"

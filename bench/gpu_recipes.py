@@ -1,0 +1,501 @@
+"""The GPU recipe suite: what a user runs, on one GPU, as the README shows it.
+
+Each folder's shell scripts with their defaults (evaluation on), on random-initialised models of real layer sizes
+(bench/shapes.py, 2 layers) with the real Baichuan tokenizers and real data (CSL, the novels); each training script
+killed once (kill -9) mid-training and run again, which must resume. One table: step, pass/fail, wall time, time to
+the first training step or first token, peak GPU memory; written to OUT/gpu_recipes_<group>.{md,json}.
+
+    bash bench/gpu_carry.sh recipes              # here: wheels, tokenizers and data into .gpu/ and .whl/
+    python3 bench/gpu_recipes.py recipes --assets .gpu --out "$OUT"     # there (docs/gpu_recipes.md: the call)
+
+Groups, each one device call of under 10 minutes:
+  recipes  Baichuan2-7B layer sizes: Finetune-Lora (+ merge_lora.py), Finetune (full), Finetune-QLora, each trained
+           (killed, resumed), then run_predict.sh on the dev file and in submission mode; Baichuan-Pretrain continued
+           (killed, resumed) and from scratch, then its run_predict.sh; Baichuan-Embedding build + search;
+           run_analysis.sh model (estimate against the measured peak).
+  serving  `python -m novelkit.serve` answering the openai client (streaming too) and web_demo.py answering
+           gradio_client, each started twice: cold (empty compile cache) and warm (time to the first token); then the
+           model-specific steps on Baichuan-7B (RoPE), Baichuan2-13B (ALiBi), Qwen2 and Llama shapes: load, LoRA and
+           full training steps with evaluation, engine generation, save and reload to identical logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+FIRST_STEP = "first training step"  # `first=` for the training scripts: the Trainer's progress bar moves
+
+
+@dataclass
+class Result:
+    step: str
+    ok: bool = False
+    wall_s: float = 0.0
+    first_s: float | None = None  # first training step or first token, from the step's start
+    peak_gib: float | None = None
+    note: str = ""
+    log: str = ""
+
+
+@dataclass
+class Suite:
+    work: Path
+    assets: Path
+    out: Path
+    budget_s: float
+    tiny: list = field(default_factory=list)  # ["--tiny"] for a CPU dry run (bench/shapes.py)
+    results: list[Result] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    # --- running one command ---------------------------------------------------------------------------------
+    def run(self, step: str, cmd: list[str] | str, env: dict | None = None, *, first: str | None = None,
+            first_file: Path | None = None, kill_when=None, timeout: float = 240, check=None):
+        """Runs `cmd` (a list, or a string for bash), logging to WORK/logs/<step>.log. first: a regex whose first
+        match in the output marks the first step/token; first_file: a file whose appearance (non-empty) does.
+        kill_when(): True -> kill -9 the process group (the step then passes if it was killed as planned).
+        check(log) -> note string on failure, '' or None when all is well."""
+        result = Result(step)
+        left = self.budget_s - (time.time() - self.started)
+        if left < 20:
+            result.note = "not run: the call's time budget is spent"
+            self.record(result)
+            return result
+        log_path = self.work / "logs" / (re.sub(r"[^\w.-]+", "_", step).strip("_") + ".log")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        argv = ["bash", "-c", cmd] if isinstance(cmd, str) else cmd
+        start = time.time()
+        proc = subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        chunks: list[str] = []
+        marks: dict[str, float] = {}
+
+        def read():
+            for raw in iter(lambda: proc.stdout.read1(65536), b""):
+                text = raw.decode("utf-8", "replace")
+                chunks.append(text)
+                if first and "first" not in marks:
+                    if first == FIRST_STEP:  # a progress count past the one the bar started at (0, or a resumed step)
+                        counts = [int(n) for n in re.findall(r"(\d+)/\d+ \[", "".join(chunks))]
+                        if counts and max(counts) > counts[0]:
+                            marks["first"] = time.time() - start
+                    elif re.search(first, "".join(chunks[-50:])):
+                        marks["first"] = time.time() - start
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        sampler = GpuMemory()
+        killed = False
+        deadline = start + min(timeout, left)
+        while proc.poll() is None:
+            if first_file is not None and "first" not in marks and first_file.exists() and first_file.stat().st_size:
+                marks["first"] = time.time() - start
+            if kill_when is not None and not killed and kill_when():
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed = True
+            if time.time() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                result.note = f"timed out after {time.time() - start:.0f} s"
+                break
+            time.sleep(0.2)
+        proc.wait()
+        reader.join(timeout=10)
+        result.wall_s = time.time() - start
+        result.peak_gib = sampler.stop()
+        result.first_s = marks.get("first")
+        log = "".join(chunks)
+        log_path.write_text(log)
+        result.log = str(log_path)
+        if kill_when is not None:
+            result.ok = killed and not result.note
+            result.note = result.note or ("killed as planned" if killed else f"ended (rc {proc.returncode}) before "
+                                                                              f"the kill")
+        elif not result.note:
+            result.ok = proc.returncode == 0
+            if not result.ok:
+                result.note = f"rc {proc.returncode}: " + last_error(log)
+            elif check is not None:
+                problem = check(log)
+                result.ok, result.note = not problem, problem or ""
+        self.record(result)
+        return result
+
+    def record(self, result: Result):
+        self.results.append(result)
+        first = f"{result.first_s:.1f}" if result.first_s is not None else "-"
+        peak = f"{result.peak_gib:.1f}" if result.peak_gib is not None else "-"
+        print(f"[suite] {'PASS' if result.ok else 'FAIL'} {result.step}: {result.wall_s:.1f} s, first {first} s, "
+              f"peak {peak} GiB {result.note}", flush=True)
+
+    def table(self, title: str) -> str:
+        rows = [f"### {title}", "", "| step | result | wall s | first step / token s | peak GPU GiB | note |",
+                "|---|---|---:|---:|---:|---|"]
+        for r in self.results:
+            first = f"{r.first_s:.1f}" if r.first_s is not None else ""
+            peak = f"{r.peak_gib:.1f}" if r.peak_gib is not None else ""
+            rows.append(f"| {r.step} | {'pass' if r.ok else '**FAIL**'} | {r.wall_s:.1f} | {first} | {peak} | "
+                        f"{r.note.replace('|', '/')[:160]} |")
+        passed = sum(r.ok for r in self.results)
+        rows += ["", f"{passed} of {len(self.results)} steps passed in {time.time() - self.started:.0f} s."]
+        return "\n".join(rows)
+
+    def save(self, group: str, extra: dict):
+        self.out.mkdir(parents=True, exist_ok=True)
+        md = self.table(f"GPU recipe suite: {group}")
+        (self.out / f"gpu_recipes_{group}.md").write_text(md + "\n")
+        payload = {"group": group, "machine": machine(), **extra, "results": [asdict(r) for r in self.results]}
+        (self.out / f"gpu_recipes_{group}.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False))
+        shutil.make_archive(str(self.out / f"gpu_recipes_{group}_logs"), "gztar", self.work / "logs")
+        print(md, flush=True)
+
+
+class GpuMemory:
+    """Peak of the GPU's used memory (nvidia-smi, every 0.25 s) above what was in use at the start, in GiB."""
+
+    def __init__(self):
+        self.base = self._used()
+        self.peak = self.base
+        self.running = self.base is not None
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _used():
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            return float(out.split()[0])
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            return None
+
+    def _loop(self):
+        while self.running:
+            used = self._used()
+            if used is not None:
+                self.peak = max(self.peak, used)
+            time.sleep(0.25)
+
+    def stop(self):
+        self.running = False
+        self.thread.join(timeout=5)
+        return None if self.base is None else (self.peak - self.base) / 1024
+
+
+def last_error(log: str) -> str:
+    lines = [line.strip() for line in re.split(r"[\r\n]+", log) if line.strip()]
+    errors = [line for line in lines if re.search(r"(Error|error:|Exception)", line)]
+    return (errors[-1] if errors else lines[-1] if lines else "no output")[:300]
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def has_checkpoint(folder: Path, step: int):
+    return lambda: (folder / f"checkpoint-{step}" / "trainer_state.json").exists()
+
+
+def trainer_state(folder: Path) -> dict:
+    states = sorted(folder.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    return json.loads(states[-1].read_text()) if states else {}
+
+
+def check_trained(folder: Path, steps: int, weights: str, rouge: bool = True):
+    def check(log):
+        if "resuming from" not in log:
+            return "did not resume from the killed run's checkpoint"
+        if not (folder / weights).exists():
+            return f"no {weights} in the output"
+        state = trainer_state(folder)
+        if state.get("global_step") != steps:
+            return f"stopped at step {state.get('global_step')}, not {steps}"
+        history = state.get("log_history", [])
+        if not any("eval_loss" in h for h in history):
+            return "no evaluation ran"
+        if rouge and not any("eval_rouge-1" in h for h in history):
+            return "no generation-based evaluation (ROUGE) ran"
+        losses = [h["loss"] for h in history if "loss" in h]
+        return "" if losses and all(x == x for x in losses) else "no finite training loss logged"
+    return check
+
+
+def check_predictions(folder: Path, count: int):
+    def check(log):
+        path = folder / "predictions.jsonl"
+        rows = path.read_text().splitlines() if path.exists() else []
+        if len(rows) != count:
+            return f"{len(rows)} predictions, expected {count}"
+        if not (folder / "metrics.json").exists():
+            return "no metrics.json"
+        return ""
+    return check
+
+
+def check_submission(path: Path, count: int):
+    def check(log):
+        if not path.exists():
+            return "no submission file"
+        text = path.read_text()
+        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines()]
+        filled = sum(bool(str(r.get("output", "")).strip()) for r in records)
+        return "" if len(records) == count and filled else f"{len(records)} records, {filled} with an output"
+    return check
+
+
+# --- the recipes group ---------------------------------------------------------------------------------------------
+
+
+def recipes(suite: Suite):
+    work, assets = suite.work, suite.assets
+    tok2 = assets / "tokenizers" / "baichuan2"
+    model = work / "baichuan2-7b-l2"
+    csl = work / "csl"
+    novels = assets / "data" / "novels"
+    suite.run("build model (Baichuan2-7B layers, 2 of 32)",
+              [PY, "bench/shapes.py", "baichuan2-7b", str(model), "--layers", "2", "--tokenizer", str(tok2),
+               *suite.tiny])
+    suite.run("prepare_data.py csl", [PY, "Baichuan-Finetune/prepare_data.py", "csl", "--raw",
+                                      str(assets / "data" / "csl" / "clge_val.tsv"), "--output_dir", str(csl)])
+    data = {"MODEL_PATH": str(model), "DATA": str(csl / "train.json"), "DEV": str(csl / "dev.json"), "EPOCHS": "1"}
+    first_step = FIRST_STEP
+
+    folders = [("lora", "Baichuan-Finetune-Lora", 20, "adapter_model.safetensors"),
+               ("full", "Baichuan-Finetune", 10, "model.safetensors"),
+               ("qlora", "Baichuan-Finetune-QLora", 20, "adapter_model.safetensors")]
+    for tag, folder, steps, weights in folders:
+        out = work / tag
+        env = {**data, "OUTPUT_DIR": str(out)}
+        cmd = f"bash {folder}/ds_finetune.sh --max_steps {steps}"
+        kill_at = steps * 2 // 5  # the second of the evaluations (and saves) at every fifth of the steps
+        suite.run(f"{folder}/ds_finetune.sh (killed at step > {kill_at})", cmd, env, first=first_step,
+                  kill_when=has_checkpoint(out, kill_at), timeout=300)
+        suite.run(f"{folder}/ds_finetune.sh (rerun: resumes)", cmd, env, first=first_step, timeout=300,
+                  check=check_trained(out, steps, weights))
+        predict = {"MODEL_PATH": str(out)} if tag == "full" else {"LORA_MODEL": str(out)}
+        pred_dir = out / "dev-predictions"
+        suite.run(f"{folder}/run_predict.sh (dev, ROUGE)", f"bash {folder}/run_predict.sh",
+                  {**predict, "DATA": str(csl / "dev.json"), "OUTPUT_DIR": str(pred_dir)},
+                  first_file=pred_dir / "predictions.jsonl", check=check_predictions(pred_dir, 100))
+        submit = out / "submit.json"
+        suite.run(f"{folder}/run_predict.sh (submission)", f"bash {folder}/run_predict.sh",
+                  {**predict, "DATA": str(csl / "test.json"), "SUBMIT": str(submit),
+                   "OUTPUT_DIR": str(out / "submit-run")},
+                  first_file=out / "submit-run" / "predictions.jsonl", check=check_submission(submit, 100))
+        if tag == "lora":
+            merged = work / "lora-merged"
+            suite.run("Baichuan-Finetune-Lora/merge_lora.py",
+                      [PY, "Baichuan-Finetune-Lora/merge_lora.py", "--lora_model", str(out), "--output_dir",
+                       str(merged)], check=lambda log: "" if (merged / "config.json").exists() else "no merged model")
+
+    pretrain = {"CORPUS": str(novels), "EVAL_BOOKS": "xiyouji"}
+    extra = "--max_steps 30 --eval_steps 10 --save_steps 10"
+    out = work / "pretrain"
+    env = {**pretrain, "MODEL_PATH": str(model), "OUTPUT_DIR": str(out)}
+    suite.run("Baichuan-Pretrain/ds_finetune.sh continue (killed at step > 10)",
+              f"bash Baichuan-Pretrain/ds_finetune.sh {extra}", env, first=first_step,
+              kill_when=has_checkpoint(out, 10), timeout=300)
+    suite.run("Baichuan-Pretrain/ds_finetune.sh continue (rerun: resumes)",
+              f"bash Baichuan-Pretrain/ds_finetune.sh {extra}", env, first=first_step, timeout=300,
+              check=check_trained(out, 30, "model.safetensors", rouge=False))
+    scratch = work / "scratch"
+    suite.run("Baichuan-Pretrain/ds_finetune.sh from scratch (babyllama)",
+              f"bash Baichuan-Pretrain/ds_finetune.sh {extra}",
+              {**pretrain, "MODEL_CONFIG": "Baichuan-Pretrain/configs/babyllama.json", "OUTPUT_DIR": str(scratch)},
+              first=first_step, timeout=300,
+              check=lambda log: "" if (scratch / "model.safetensors").exists() else "no model saved")
+    suite.run("Baichuan-Pretrain/run_predict.sh (held-out book)", "bash Baichuan-Pretrain/run_predict.sh",
+              {"MODEL_PATH": str(out), "BOOK": str(novels / "xiyouji.txt"), "OUTPUT_DIR": str(out / "eval")},
+              check=lambda log: "" if list((out / "eval").glob("*.json")) else "no evaluation written")
+
+    index = work / "embedding"
+    suite.run("Baichuan-Embedding/run_embedding.sh (build)", "bash Baichuan-Embedding/run_embedding.sh",
+              {"MODEL_PATH": str(model), "DATA": str(novels / "xiyouji.txt"), "INDEX_DIR": str(index)})
+    suite.run("Baichuan-Embedding/embed.py search",
+              [PY, "Baichuan-Embedding/embed.py", "search", "--index", str(index), "孙悟空大闹天宫"],
+              check=lambda log: "" if "xiyouji" in log else "no passage of the book found")
+    suite.run("Baichuan-Analysis/run_analysis.sh model (estimate vs measured)",
+              "bash Baichuan-Analysis/run_analysis.sh model --measure yes",
+              {"MODEL_PATH": str(model), "OUTPUT_DIR": str(work / "analysis")},
+              check=lambda log: "" if (work / "analysis" / "report.json").exists() else "no report")
+
+
+# --- the serving group ---------------------------------------------------------------------------------------------
+
+
+def serve_client(suite: Suite, model: Path, tag: str):
+    """`python -m novelkit.serve`: time from the launch to the first streamed token of a request sent as soon as the
+    port answers (start-up, loading, compiling and the request), then the openai client's calls."""
+    import openai
+
+    port = free_port()
+    log_path = suite.work / "logs" / f"serve-{tag}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    result = Result(f"python -m novelkit.serve ({tag}): openai client, streaming")
+    start = time.time()
+    sampler = GpuMemory()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([PY, "-m", "novelkit.serve", "--model_path", str(model), "--port", str(port),
+                                 "--max_tokens", "64"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
+        while True:
+            if proc.poll() is not None or time.time() - start > 420:
+                raise RuntimeError("the server did not come up: " + last_error(log_path.read_text()))
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "写一句开头。"}],
+                                                stream=True, max_tokens=32, temperature=0)
+        pieces = []
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                if result.first_s is None:
+                    result.first_s = time.time() - start
+                pieces.append(chunk.choices[0].delta.content)
+        whole = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "写一句开头。"}],
+                                               max_tokens=32, temperature=0)
+        text = client.completions.create(model="m", prompt="雨下了一整夜，", max_tokens=16, temperature=0.8,
+                                         top_p=0.9).choices[0].text
+        same = "".join(pieces) == whole.choices[0].message.content
+        result.ok = same and bool(text) and whole.usage.completion_tokens > 0
+        result.note = "" if result.ok else f"stream {''.join(pieces)!r} vs whole {whole.choices[0].message.content!r}"
+    except Exception as error:  # noqa: BLE001 - a failed step is a row, not the end of the suite
+        result.note = f"{type(error).__name__}: {error}"[:300]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        result.wall_s = time.time() - start
+        result.peak_gib = sampler.stop()
+        result.log = str(log_path)
+        suite.record(result)
+
+
+def demo_client(suite: Suite, model: Path, tag: str):
+    """web_demo.py: time from the launch to the first streamed chat chunk through gradio_client."""
+    from gradio_client import Client
+
+    port = free_port()
+    log_path = suite.work / "logs" / f"web_demo-{tag}.log"
+    result = Result(f"web_demo.py ({tag}): gradio_client chat")
+    start = time.time()
+    sampler = GpuMemory()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([PY, "web_demo.py", "--model_path", str(model), "--port", str(port),
+                                 "--max_new_tokens", "32", "--ratings_db", str(suite.work / "ratings.sqlite")],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        import urllib.request
+
+        while True:
+            if proc.poll() is not None or time.time() - start > 420:
+                raise RuntimeError("the demo did not come up: " + last_error(log_path.read_text()))
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.3)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        job = client.submit("从前有座山", "", False, 0, 0.85, 5, 1.1, 24, api_name="/chat")
+        chunks = []
+        for chunk in job:
+            if result.first_s is None:
+                result.first_s = time.time() - start
+            chunks.append(chunk)
+        final = job.result()
+        result.ok = bool(final) and len(chunks) >= 2
+        result.note = "" if result.ok else f"{len(chunks)} chunks, final {final!r}"
+    except Exception as error:  # noqa: BLE001
+        result.note = f"{type(error).__name__}: {error}"[:300]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        result.wall_s = time.time() - start
+        result.peak_gib = sampler.stop()
+        result.log = str(log_path)
+        suite.record(result)
+
+
+def serving(suite: Suite):
+    work, assets = suite.work, suite.assets
+    tok2 = assets / "tokenizers" / "baichuan2"
+    model = work / "baichuan2-7b-l2"
+    suite.run("build model (Baichuan2-7B layers, 2 of 32)",
+              [PY, "bench/shapes.py", "baichuan2-7b", str(model), "--layers", "2", "--tokenizer", str(tok2),
+               *suite.tiny])
+    serve_client(suite, model, "cold: empty compile cache")
+    serve_client(suite, model, "warm: second start")
+    demo_client(suite, model, "warm")
+    qwen = work / "qwen2-1.5b"
+    suite.run("build model (Qwen2-1.5B, all 28 layers)",
+              [PY, "bench/shapes.py", "qwen2-1.5b", str(qwen), "--tokenizer", str(tok2), *suite.tiny])
+    serve_client(suite, qwen, "Qwen2-1.5B cold")
+    serve_client(suite, qwen, "Qwen2-1.5B warm")
+    csl = work / "csl"
+    suite.run("prepare_data.py csl", [PY, "Baichuan-Finetune/prepare_data.py", "csl", "--raw",
+                                      str(assets / "data" / "csl" / "clge_val.tsv"), "--output_dir", str(csl)])
+    for shape in ("baichuan-7b", "baichuan2-13b", "qwen2-1.5b", "llama3-8b"):
+        suite.run(f"model steps: {shape} (2 layers)",
+                  [PY, "bench/gpu_model_steps.py", shape, "--tokenizer", str(tok2), "--data", str(csl),
+                   "--work", str(work / f"steps-{shape}"), *suite.tiny], timeout=240,
+                  check=lambda log: "" if "[steps] all passed" in log else last_error(log))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("group", choices=["recipes", "serving"])
+    parser.add_argument("--assets", default=".gpu", help="tokenizers/ and data/ copied from ../shared (gpu_carry.sh)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "output/gpu_recipes"))
+    parser.add_argument("--work", default="/tmp/gpu_recipes")
+    parser.add_argument("--budget", type=float, default=560, help="seconds; later steps are not started past it")
+    parser.add_argument("--tiny", action="store_true", help="hidden size 64 models: a dry run of the plumbing on a CPU")
+    args = parser.parse_args()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    # a fresh NOVELKIT_HOME: the compile cache starts empty, so the first start of each shape is a cold one
+    os.environ["NOVELKIT_HOME"] = str(work / "home")
+    suite = Suite(work, Path(args.assets).resolve(), Path(args.out), args.budget, ["--tiny"] if args.tiny else [])
+    (recipes if args.group == "recipes" else serving)(suite)
+    suite.save(args.group, {"command": " ".join(sys.argv)})
+    for r in suite.results:
+        if not r.ok and r.log and Path(r.log).exists():
+            print(f"\n===== {r.step}: last lines of {r.log}\n" + Path(r.log).read_text()[-2500:], flush=True)
+
+
+if __name__ == "__main__":
+    main()
