@@ -4,10 +4,12 @@
 # ../shared), both ignored by git and named in the device call's `carry`. One group per call (64 MiB in all):
 #   bash bench/gpu_carry.sh recipes    # deepspeed, jieba, bitsandbytes; CSL, two novels, the Baichuan 2 tokenizer
 #   bash bench/gpu_carry.sh serving    # fastapi, uvicorn, openai, gradio (+ their needs), jieba; CSL, the tokenizer
+#   bash bench/gpu_carry.sh embedding  # faiss-cpu (19 MB) and the novel it indexes
+#   bash bench/gpu_carry.sh recipes serving    # both (~56 MB: just fits)
 # Two wheels are cut down to what runs there, to fit: bitsandbytes keeps its CUDA 13.0 and CPU libraries (the
 # machine's torch is cu130; 43 -> ~3 MB), jieba its dictionary and HMM (no POS tagger or keyword models; 19 -> ~4 MB).
 set -euo pipefail
-group=${1:?usage: gpu_carry.sh recipes|serving}
+[ $# -gt 0 ] || { echo "usage: gpu_carry.sh recipes|serving ..." >&2; exit 2; }
 cd "$(git rev-parse --show-toplevel)"
 for d in /.whl/ /.gpu/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
 rm -rf .whl .gpu && mkdir -p .whl .gpu/tokenizers .gpu/data/csl .gpu/data/novels
@@ -38,17 +40,20 @@ EOF
 
 build jieba
 prune .whl/jieba-*.whl '^jieba/(__init__|_compat|__main__)\.py$|^jieba/dict\.txt$|^jieba/finalseg/'
-case $group in
+for group in "$@"; do case $group in
   recipes)
     build deepspeed hjson
     get pydantic pydantic_core annotated-types typing-inspection bitsandbytes
     prune .whl/bitsandbytes-*.whl '^bitsandbytes/(?!libbitsandbytes_(cuda(?!130)|rocm|xpu))'
     cp "$shared/data/novels/xiyouji.txt" "$shared/data/novels/hongloumeng.txt" .gpu/data/novels/ ;;
+  embedding)  # faiss-cpu (19 MB): Baichuan-Embedding's index; the novel it indexes
+    get faiss-cpu
+    cp "$shared/data/novels/xiyouji.txt" .gpu/data/novels/ ;;
   serving)
     get pydantic pydantic_core annotated-types typing-inspection fastapi starlette uvicorn opentelemetry-api \
-        openai jiter distro sniffio httpx2 httpcore2 truststore gradio gradio_client hf-gradio safehttpx groovy \
+        openai jiter sniffio httpx2 httpcore2 truststore gradio gradio_client hf-gradio safehttpx groovy \
         orjson python-multipart tomlkit semantic-version brotli pydub ;;
   *) echo "unknown group $group (recipes, serving)" >&2; exit 2 ;;
-esac
+esac; done
 du -sh .whl .gpu
 echo "carry: .whl .gpu (with the tracked files: $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes)"

@@ -12,7 +12,7 @@ Groups, each one device call of under 10 minutes:
   recipes  Baichuan2-7B layer sizes: Finetune-Lora (+ merge_lora.py), Finetune (full), Finetune-QLora, each trained
            (killed, resumed), then run_predict.sh on the dev file and in submission mode; Baichuan-Pretrain continued
            (killed, resumed) and from scratch, then its run_predict.sh; Baichuan-Embedding build + search;
-           run_analysis.sh model (estimate against the measured peak).
+           run_analysis.sh model (its estimates; the measured check runs on CPU for models up to 50M parameters).
   serving  `python -m novelkit.serve` answering the openai client (streaming too) and web_demo.py answering
            gradio_client, each started twice: cold (empty compile cache) and warm (time to the first token); then the
            model-specific steps on Baichuan-7B (RoPE), Baichuan2-13B (ALiBi), Qwen2 and Llama shapes: load, LoRA and
@@ -58,6 +58,8 @@ class Suite:
     out: Path
     budget_s: float
     tiny: list = field(default_factory=list)  # ["--tiny"] for a CPU dry run (bench/shapes.py)
+    only: set = field(default_factory=set)  # parts to run (--only); empty: all of the group
+    group: str = ""
     results: list[Result] = field(default_factory=list)
     started: float = field(default_factory=time.time)
 
@@ -69,7 +71,7 @@ class Suite:
         kill_when(): True -> kill -9 the process group (the step then passes if it was killed as planned).
         check(log) -> note string on failure, '' or None when all is well."""
         result = Result(step)
-        left = self.budget_s - (time.time() - self.started)
+        left = self.time_left()
         if left < 20:
             result.note = "not run: the call's time budget is spent"
             self.record(result)
@@ -136,6 +138,8 @@ class Suite:
 
     def record(self, result: Result):
         self.results.append(result)
+        if self.group:  # written after every step: a call cut short still brings its rows back
+            self.save(self.group, {"command": " ".join(sys.argv), "partial": True}, quiet=True)
         first = f"{result.first_s:.1f}" if result.first_s is not None else "-"
         peak = f"{result.peak_gib:.1f}" if result.peak_gib is not None else "-"
         print(f"[suite] {'PASS' if result.ok else 'FAIL'} {result.step}: {result.wall_s:.1f} s, first {first} s, "
@@ -153,14 +157,22 @@ class Suite:
         rows += ["", f"{passed} of {len(self.results)} steps passed in {time.time() - self.started:.0f} s."]
         return "\n".join(rows)
 
-    def save(self, group: str, extra: dict):
+    def time_left(self) -> float:
+        return self.budget_s - (time.time() - self.started)
+
+    def save(self, group: str, extra: dict, quiet: bool = False):
         self.out.mkdir(parents=True, exist_ok=True)
         md = self.table(f"GPU recipe suite: {group}")
         (self.out / f"gpu_recipes_{group}.md").write_text(md + "\n")
         payload = {"group": group, "machine": machine(), **extra, "results": [asdict(r) for r in self.results]}
         (self.out / f"gpu_recipes_{group}.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False))
-        shutil.make_archive(str(self.out / f"gpu_recipes_{group}_logs"), "gztar", self.work / "logs")
-        print(md, flush=True)
+        if not quiet:
+            shutil.make_archive(str(self.out / f"gpu_recipes_{group}_logs"), "gztar", self.work / "logs")
+            print(md, flush=True)
+
+
+    def wants(self, part: str) -> bool:
+        return not self.only or part in self.only
 
 
 class GpuMemory:
@@ -285,8 +297,9 @@ def recipes(suite: Suite):
     suite.run("build model (Baichuan2-7B layers, 2 of 32)",
               [PY, "bench/shapes.py", "baichuan2-7b", str(model), "--layers", "2", "--tokenizer", str(tok2),
                *suite.tiny])
-    suite.run("prepare_data.py csl", [PY, "Baichuan-Finetune/prepare_data.py", "csl", "--raw",
-                                      str(assets / "data" / "csl" / "clge_val.tsv"), "--output_dir", str(csl)])
+    if {"lora", "full", "qlora"} & suite.only or not suite.only:
+        suite.run("prepare_data.py csl", [PY, "Baichuan-Finetune/prepare_data.py", "csl", "--raw",
+                                          str(assets / "data" / "csl" / "clge_val.tsv"), "--output_dir", str(csl)])
     data = {"MODEL_PATH": str(model), "DATA": str(csl / "train.json"), "DEV": str(csl / "dev.json"), "EPOCHS": "1"}
     first_step = FIRST_STEP
 
@@ -294,6 +307,8 @@ def recipes(suite: Suite):
                ("full", "Baichuan-Finetune", 10, "model.safetensors"),
                ("qlora", "Baichuan-Finetune-QLora", 20, "adapter_model.safetensors")]
     for tag, folder, steps, weights in folders:
+        if not suite.wants(tag):
+            continue
         out = work / tag
         env = {**data, "OUTPUT_DIR": str(out)}
         cmd = f"bash {folder}/ds_finetune.sh --max_steps {steps}"
@@ -318,6 +333,31 @@ def recipes(suite: Suite):
                       [PY, "Baichuan-Finetune-Lora/merge_lora.py", "--lora_model", str(out), "--output_dir",
                        str(merged)], check=lambda log: "" if (merged / "config.json").exists() else "no merged model")
 
+    if suite.wants("pretrain"):
+        pretrain_steps(suite, model, novels, work)
+    if suite.wants("embedding"):
+        index = work / "embedding"
+        suite.run("Baichuan-Embedding/run_embedding.sh (build)", "bash Baichuan-Embedding/run_embedding.sh",
+                  {"MODEL_PATH": str(model), "DATA": str(novels / "xiyouji.txt"), "INDEX_DIR": str(index)})
+        suite.run("Baichuan-Embedding/embed.py search",
+                  [PY, "Baichuan-Embedding/embed.py", "search", "--index", str(index), "孙悟空大闹天宫"],
+                  check=lambda log: "" if "xiyouji" in log else "no passage of the book found")
+    if suite.wants("analysis"):
+        # as the README runs it: --measure auto checks the estimate against a measured CPU run only for models of
+        # up to 50M parameters (one CPU thread, 8 training steps: a 1.4B model takes longer than the whole call)
+        suite.run("Baichuan-Analysis/run_analysis.sh model",
+                  "bash Baichuan-Analysis/run_analysis.sh model",
+                  {"MODEL_PATH": str(model), "OUTPUT_DIR": str(work / "analysis")},
+                  check=lambda log: "" if (work / "analysis" / "report.json").exists() else "no report")
+    if "serve" in suite.only:  # the serving group's parts, asked for by name (a call can carry both groups' wheels)
+        serve_client(suite, model, "cold: empty compile cache")
+        serve_client(suite, model, "warm: second start")
+    if "demo" in suite.only:
+        demo_client(suite, model, "warm")
+
+
+def pretrain_steps(suite: Suite, model: Path, novels: Path, work: Path):
+    first_step = FIRST_STEP
     pretrain = {"CORPUS": str(novels), "EVAL_BOOKS": "xiyouji"}
     extra = "--max_steps 30 --eval_steps 10 --save_steps 10"
     out = work / "pretrain"
@@ -338,16 +378,6 @@ def recipes(suite: Suite):
               {"MODEL_PATH": str(out), "BOOK": str(novels / "xiyouji.txt"), "OUTPUT_DIR": str(out / "eval")},
               check=lambda log: "" if list((out / "eval").glob("*.json")) else "no evaluation written")
 
-    index = work / "embedding"
-    suite.run("Baichuan-Embedding/run_embedding.sh (build)", "bash Baichuan-Embedding/run_embedding.sh",
-              {"MODEL_PATH": str(model), "DATA": str(novels / "xiyouji.txt"), "INDEX_DIR": str(index)})
-    suite.run("Baichuan-Embedding/embed.py search",
-              [PY, "Baichuan-Embedding/embed.py", "search", "--index", str(index), "孙悟空大闹天宫"],
-              check=lambda log: "" if "xiyouji" in log else "no passage of the book found")
-    suite.run("Baichuan-Analysis/run_analysis.sh model (estimate vs measured)",
-              "bash Baichuan-Analysis/run_analysis.sh model --measure yes",
-              {"MODEL_PATH": str(model), "OUTPUT_DIR": str(work / "analysis")},
-              check=lambda log: "" if (work / "analysis" / "report.json").exists() else "no report")
 
 
 # --- the serving group ---------------------------------------------------------------------------------------------
@@ -358,6 +388,9 @@ def serve_client(suite: Suite, model: Path, tag: str):
     port answers (start-up, loading, compiling and the request), then the openai client's calls."""
     import openai
 
+    if suite.time_left() < 60:
+        suite.record(Result(f"python -m novelkit.serve ({tag})", note="not run: the call's time budget is spent"))
+        return
     port = free_port()
     log_path = suite.work / "logs" / f"serve-{tag}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -371,7 +404,7 @@ def serve_client(suite: Suite, model: Path, tag: str):
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
         while True:
-            if proc.poll() is not None or time.time() - start > 420:
+            if proc.poll() is not None or time.time() - start > suite.time_left():
                 raise RuntimeError("the server did not come up: " + last_error(log_path.read_text()))
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -408,6 +441,9 @@ def demo_client(suite: Suite, model: Path, tag: str):
     """web_demo.py: time from the launch to the first streamed chat chunk through gradio_client."""
     from gradio_client import Client
 
+    if suite.time_left() < 60:
+        suite.record(Result(f"web_demo.py ({tag})", note="not run: the call's time budget is spent"))
+        return
     port = free_port()
     log_path = suite.work / "logs" / f"web_demo-{tag}.log"
     result = Result(f"web_demo.py ({tag}): gradio_client chat")
@@ -422,7 +458,7 @@ def demo_client(suite: Suite, model: Path, tag: str):
         import urllib.request
 
         while True:
-            if proc.poll() is not None or time.time() - start > 420:
+            if proc.poll() is not None or time.time() - start > suite.time_left():
                 raise RuntimeError("the demo did not come up: " + last_error(log_path.read_text()))
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
@@ -483,13 +519,17 @@ def main():
     parser.add_argument("--work", default="/tmp/gpu_recipes")
     parser.add_argument("--budget", type=float, default=560, help="seconds; later steps are not started past it")
     parser.add_argument("--tiny", action="store_true", help="hidden size 64 models: a dry run of the plumbing on a CPU")
+    parser.add_argument("--only", default="", help="comma list of parts: recipes: lora, full, qlora, pretrain, "
+                                                     "embedding, analysis, serve, demo; serving: serve, demo, shapes")
     args = parser.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     # a fresh NOVELKIT_HOME: the compile cache starts empty, so the first start of each shape is a cold one
     os.environ["NOVELKIT_HOME"] = str(work / "home")
-    suite = Suite(work, Path(args.assets).resolve(), Path(args.out), args.budget, ["--tiny"] if args.tiny else [])
+    suite = Suite(work, Path(args.assets).resolve(), Path(args.out), args.budget, ["--tiny"] if args.tiny else [],
+                  {part.strip() for part in args.only.split(",") if part.strip()})
+    suite.group = args.group
     (recipes if args.group == "recipes" else serving)(suite)
     suite.save(args.group, {"command": " ".join(sys.argv)})
     for r in suite.results:
