@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -76,8 +77,7 @@ class Suite:
             result.note = "not run: the call's time budget is spent"
             self.record(result)
             return result
-        log_path = self.work / "logs" / (re.sub(r"[^\w.-]+", "_", step).strip("_") + ".log")
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path = log_file(self.work, step)
         full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         argv = ["bash", "-c", cmd] if isinstance(cmd, str) else cmd
         start = time.time()
@@ -205,6 +205,12 @@ class GpuMemory:
         self.running = False
         self.thread.join(timeout=5)
         return None if self.base is None else (self.peak - self.base) / 1024
+
+
+def log_file(work: Path, step: str) -> Path:
+    path = work / "logs" / (re.sub(r"[^\w.-]+", "_", step).strip("_") + ".log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def last_error(log: str) -> str:
@@ -383,51 +389,35 @@ def pretrain_steps(suite: Suite, model: Path, novels: Path, work: Path):
 # --- the serving group ---------------------------------------------------------------------------------------------
 
 
-def serve_client(suite: Suite, model: Path, tag: str):
-    """`python -m novelkit.serve`: time from the launch to the first streamed token of a request sent as soon as the
-    port answers (start-up, loading, compiling and the request), then the openai client's calls."""
-    import openai
-
+@contextmanager
+def launched(suite: Suite, step: str, argv: list[str], ready, env: dict | None = None):
+    """A server (`argv`) started for one step: yields (result, start time) once ready() is true; then stopped, its
+    wall time, peak GPU memory and log filled in, the row recorded. An exception inside is the row's note."""
+    result = Result(step)
     if suite.time_left() < 60:
-        suite.record(Result(f"python -m novelkit.serve ({tag})", note="not run: the call's time budget is spent"))
+        result.note = "not run: the call's time budget is spent"
+        suite.record(result)
+        yield None
         return
-    port = free_port()
-    log_path = suite.work / "logs" / f"serve-{tag}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    result = Result(f"python -m novelkit.serve ({tag}): openai client, streaming")
+    log_path = log_file(suite.work, step)
     start = time.time()
     sampler = GpuMemory()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([PY, "-m", "novelkit.serve", "--model_path", str(model), "--port", str(port),
-                                 "--max_tokens", "64"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
         while True:
             if proc.poll() is not None or time.time() - start > suite.time_left():
-                raise RuntimeError("the server did not come up: " + last_error(log_path.read_text()))
+                raise RuntimeError("did not come up: " + last_error(log_path.read_text()))
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
+                if ready():
+                    break
             except OSError:
-                time.sleep(0.2)
-        stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "写一句开头。"}],
-                                                stream=True, max_tokens=32, temperature=0)
-        pieces = []
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                if result.first_s is None:
-                    result.first_s = time.time() - start
-                pieces.append(chunk.choices[0].delta.content)
-        whole = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "写一句开头。"}],
-                                               max_tokens=32, temperature=0)
-        text = client.completions.create(model="m", prompt="雨下了一整夜，", max_tokens=16, temperature=0.8,
-                                         top_p=0.9).choices[0].text
-        same = "".join(pieces) == whole.choices[0].message.content
-        result.ok = same and bool(text) and whole.usage.completion_tokens > 0
-        result.note = "" if result.ok else f"stream {''.join(pieces)!r} vs whole {whole.choices[0].message.content!r}"
+                pass
+            time.sleep(0.3)
+        yield result, start
     except Exception as error:  # noqa: BLE001 - a failed step is a row, not the end of the suite
-        result.note = f"{type(error).__name__}: {error}"[:300]
+        result.ok, result.note = False, f"{type(error).__name__}: {error}"[:300]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
@@ -437,36 +427,52 @@ def serve_client(suite: Suite, model: Path, tag: str):
         suite.record(result)
 
 
+def serve_client(suite: Suite, model: Path, tag: str):
+    """`python -m novelkit.serve`: time from the launch to the first streamed token of a request sent as soon as the
+    port answers (start-up, loading, compiling and the request), then the openai client's calls."""
+    import openai
+
+    port = free_port()
+    argv = [PY, "-m", "novelkit.serve", "--model_path", str(model), "--port", str(port), "--max_tokens", "64"]
+    with launched(suite, f"python -m novelkit.serve ({tag}): openai client, streaming", argv,
+                  lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() or True) as running:
+        if running is None:
+            return
+        result, start = running
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
+        messages = [{"role": "user", "content": "写一句开头。"}]
+        pieces = []
+        for chunk in client.chat.completions.create(model="m", messages=messages, stream=True, max_tokens=32,
+                                                    temperature=0):
+            if chunk.choices and chunk.choices[0].delta.content:
+                if result.first_s is None:
+                    result.first_s = time.time() - start
+                pieces.append(chunk.choices[0].delta.content)
+        whole = client.chat.completions.create(model="m", messages=messages, max_tokens=32, temperature=0)
+        text = client.completions.create(model="m", prompt="雨下了一整夜，", max_tokens=16, temperature=0.8,
+                                         top_p=0.9).choices[0].text
+        result.ok = "".join(pieces) == whole.choices[0].message.content and bool(text) \
+            and whole.usage.completion_tokens > 0
+        result.note = "" if result.ok else f"stream {''.join(pieces)!r} vs whole {whole.choices[0].message.content!r}"
+
+
 def demo_client(suite: Suite, model: Path, tag: str):
     """web_demo.py: time from the launch to the first streamed chat chunk through gradio_client."""
+    import urllib.request
+
     from gradio_client import Client
 
-    if suite.time_left() < 60:
-        suite.record(Result(f"web_demo.py ({tag})", note="not run: the call's time budget is spent"))
-        return
     port = free_port()
-    log_path = suite.work / "logs" / f"web_demo-{tag}.log"
-    result = Result(f"web_demo.py ({tag}): gradio_client chat")
-    start = time.time()
-    sampler = GpuMemory()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([PY, "web_demo.py", "--model_path", str(model), "--port", str(port),
-                                 "--max_new_tokens", "32", "--ratings_db", str(suite.work / "ratings.sqlite")],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        import urllib.request
-
-        while True:
-            if proc.poll() is not None or time.time() - start > suite.time_left():
-                raise RuntimeError("the demo did not come up: " + last_error(log_path.read_text()))
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.3)
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        job = client.submit("从前有座山", "", False, 0, 0.85, 5, 1.1, 24, api_name="/chat")
+    argv = [PY, "web_demo.py", "--model_path", str(model), "--port", str(port), "--max_new_tokens", "32",
+            "--ratings_db", str(suite.work / "ratings.sqlite")]
+    with launched(suite, f"web_demo.py ({tag}): gradio_client chat", argv,
+                  lambda: bool(urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)),
+                  env={"GRADIO_ANALYTICS_ENABLED": "False"}) as running:
+        if running is None:
+            return
+        result, start = running
+        job = Client(f"http://127.0.0.1:{port}/", verbose=False).submit("从前有座山", "", False, 0, 0.85, 5, 1.1, 24,
+                                                                        api_name="/chat")
         chunks = []
         for chunk in job:
             if result.first_s is None:
@@ -475,15 +481,6 @@ def demo_client(suite: Suite, model: Path, tag: str):
         final = job.result()
         result.ok = bool(final) and len(chunks) >= 2
         result.note = "" if result.ok else f"{len(chunks)} chunks, final {final!r}"
-    except Exception as error:  # noqa: BLE001
-        result.note = f"{type(error).__name__}: {error}"[:300]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-        result.wall_s = time.time() - start
-        result.peak_gib = sampler.stop()
-        result.log = str(log_path)
-        suite.record(result)
 
 
 def serving(suite: Suite):

@@ -34,8 +34,8 @@ from .configuration_baichuan import BaichuanConfig
 ROPE_BASE = 10000.0
 
 # The name under which the installed transformers carries the KV cache between `generate` and `forward`, and in model
-# outputs: `past_key_values` up to 5.2x, `cache` since (GenerationMixin's model_kwargs, the output dataclasses'
-# fields). Read from the output class the installed version declares; forward accepts both names.
+# outputs (GenerationMixin's model_kwargs, the output dataclasses' fields): `past_key_values` in 5.17, `cache` by
+# 5.24. Read from the output class the installed version declares; forward accepts both names.
 CACHE_KEY = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
