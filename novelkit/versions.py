@@ -101,6 +101,8 @@ def quiet_dependency_noise() -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     # the Trainer asks for pinned memory by default; on a machine without a GPU torch says it will not pin
     warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true but no accelerator is found")
+    # inductor, when it compiles the generation engine's decode step (once per model shape)
+    warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled on the fly", category=UserWarning)
     # jieba imports pkg_resources, which recent setuptools deprecates
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     # bitsandbytes looks for an optional CPU kernel package at import (LoRA and full fine-tuning never use it)

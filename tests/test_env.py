@@ -3,6 +3,7 @@ and lock files; an old transformers is faked with a dist-info folder placed firs
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,31 @@ def test_every_direct_dependency_is_locked():
     lock = versions.read_requirements(versions.LOCK)
     for name in versions.read_requirements(*versions.REQUIREMENTS):
         assert name in lock and next(iter(lock[name].specifier)).operator == "==", name
+
+
+@pytest.mark.parametrize("message, category", [
+    ("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning),
+    ("'pin_memory' argument is set as true but no accelerator is found, then device pinned memory won't be used.",
+     UserWarning),
+    ("\nOnline softmax is disabled on the fly since Inductor decides to\nsplit the reduction.", UserWarning),
+    ("pkg_resources is deprecated as an API.", UserWarning),
+])
+def test_dependency_warnings_are_quiet(message, category):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        versions.quiet_dependency_noise()
+        warnings.warn(message, category)
+        warnings.warn("a warning of our own", UserWarning)
+    assert [str(w.message) for w in caught] == ["a warning of our own"]
+
+
+def test_dependency_log_lines_are_quiet(caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    versions.quiet_dependency_noise()
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+        "Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "No module named 'kernels'")
+    logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU or other accelerator, ...")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning("something else")
+    assert [record.getMessage() for record in caplog.records] == ["something else"]
