@@ -14,7 +14,7 @@ cd "$(git rev-parse --show-toplevel)"
 for d in /.whl/ /.gpu/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
 rm -rf .whl .gpu && mkdir -p .whl .gpu/tokenizers .gpu/data/csl .gpu/data/novels
 shared=../shared
-cp -r "$shared/assets/tokenizers/baichuan2" .gpu/tokenizers/
+cp -r "$shared/assets/tokenizers/baichuan1" "$shared/assets/tokenizers/baichuan2" .gpu/tokenizers/
 cp "$shared/data/csl/clge_val.tsv" .gpu/data/csl/
 
 lock() { grep -iE "^${1//[-_]/[-_]}==" constraints.txt | head -1; }

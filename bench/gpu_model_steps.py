@@ -6,7 +6,9 @@ generation against `generate`, and the LoRA adapter saved and reloaded to identi
     python3 bench/gpu_model_steps.py qwen2-1.5b --tokenizer .gpu/tokenizers/baichuan2 --data /tmp/csl --work /tmp/s
 
 Prints one "[steps] name: ok / FAILED ..." line per step and "[steps] all passed" at the end when every one did.
-Layers are not compiled here (`compile_layers=false`): the recipes group compiles them on the Baichuan 2 shape, and
+Baichuan-7B takes the Baichuan 1 tokenizer, the others Baichuan 2's; Qwen2 and Llama 3, whose tokenizers are not in
+../shared, take Baichuan 2's with their vocabulary cut to its size (random weights would otherwise pick ids it cannot
+decode). Layers are not compiled here (`compile_layers=false`): the recipes group compiles them on the Baichuan 2 shape, and
 four shapes x two trainings would spend most of the call compiling.
 """
 
@@ -26,6 +28,10 @@ import novelkit  # noqa: E402,F401  (version check, quiet dependency noise)
 import torch  # noqa: E402
 
 from bench.shapes import build_model  # noqa: E402
+
+
+# Shapes whose own tokenizer is not in ../shared/assets: a Baichuan tokenizer stands in, and the vocabulary is its size.
+STAND_IN_TOKENIZER = ("qwen2-1.5b", "llama3-8b")
 
 
 def train(model, tokenizer, template, data_dir: Path, out: Path, lora: bool, bf16: bool):
@@ -74,7 +80,10 @@ def main():
     from bench.shapes import TINY
 
     tiny = {**TINY, **({"num_key_value_heads": 2} if args.shape in ("qwen2-1.5b", "llama3-8b") else {})}
-    build_model(args.shape, device=device, num_hidden_layers=2, **(tiny if args.tiny else {})).save_pretrained(folder)
+    overrides = {"num_hidden_layers": 2, **(tiny if args.tiny else {})}
+    if args.shape in STAND_IN_TOKENIZER:  # no tokenizer of theirs here: ids must stay inside the stand-in's vocabulary
+        overrides["vocab_size"] = len(load_tokenizer(args.tokenizer))
+    build_model(args.shape, device=device, **overrides).save_pretrained(folder)
     for f in Path(args.tokenizer).iterdir():
         if f.is_file():
             shutil.copy(f, folder / f.name)

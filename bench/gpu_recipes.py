@@ -494,16 +494,19 @@ def serving(suite: Suite):
     serve_client(suite, model, "warm: second start")
     demo_client(suite, model, "warm")
     qwen = work / "qwen2-1.5b"
-    suite.run("build model (Qwen2-1.5B, all 28 layers)",
-              [PY, "bench/shapes.py", "qwen2-1.5b", str(qwen), "--tokenizer", str(tok2), *suite.tiny])
+    # Baichuan 2's tokenizer stands in for Qwen2's (not in ../shared): the vocabulary is its 125,696 ids, not 151,936
+    suite.run("build model (Qwen2-1.5B, all 28 layers, Baichuan 2 vocabulary)",
+              [PY, "bench/shapes.py", "qwen2-1.5b", str(qwen), "--tokenizer", str(tok2), "--vocab_size", "125696",
+               *suite.tiny])
     serve_client(suite, qwen, "Qwen2-1.5B cold")
     serve_client(suite, qwen, "Qwen2-1.5B warm")
     csl = work / "csl"
     suite.run("prepare_data.py csl", [PY, "Baichuan-Finetune/prepare_data.py", "csl", "--raw",
                                       str(assets / "data" / "csl" / "clge_val.tsv"), "--output_dir", str(csl)])
     for shape in ("baichuan-7b", "baichuan2-13b", "qwen2-1.5b", "llama3-8b"):
+        tokenizer = assets / "tokenizers" / ("baichuan1" if shape == "baichuan-7b" else "baichuan2")
         suite.run(f"model steps: {shape} (2 layers)",
-                  [PY, "bench/gpu_model_steps.py", shape, "--tokenizer", str(tok2), "--data", str(csl),
+                  [PY, "bench/gpu_model_steps.py", shape, "--tokenizer", str(tokenizer), "--data", str(csl),
                    "--work", str(work / f"steps-{shape}"), *suite.tiny], timeout=240,
                   check=lambda log: "" if "[steps] all passed" in log else last_error(log))
 

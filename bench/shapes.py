@@ -103,10 +103,14 @@ def main():
     parser.add_argument("--tokenizer", default="", help="tokenizer folder copied beside the weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="hidden size 64 (vocabulary kept): CPU dry runs")
+    parser.add_argument("--vocab_size", type=int, default=0, help="0: the shape's own; the tokenizer's size when "
+                                                                   "another model's tokenizer stands in for its own")
     args = parser.parse_args()
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
     if args.tiny:
         overrides.update(TINY)
+    if args.vocab_size:
+        overrides["vocab_size"] = args.vocab_size
     if args.tiny and args.shape in ("qwen2-1.5b", "llama3-8b"):
         overrides["num_key_value_heads"] = 2
     model = build_model(args.shape, device=args.device, **overrides)
