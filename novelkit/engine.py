@@ -231,7 +231,7 @@ class Engine:
         self.sampler = Sampler(self.slots, vocab, device, compile=self.compile)
         self.redraws = 0  # rows whose sorting-free draw missed and were drawn again (sampling.py)
         self.compiled = self.cached.compiled_decode() if self.compile else None
-        self.compile_key = step_key(inner.config, self.cached.dtype, device, frozen) if self.compile else None
+        self.compile_key = engine_step_key(model, frozen) if self.compile else None
         # (batch, length, sampling mode, penalty) -> (graph, its outputs: chosen tokens and logits)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.last_graph = None  # the key of the graph replayed last

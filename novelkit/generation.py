@@ -7,8 +7,11 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .engine import without_partial_character
+from .compile_cache import compiled_before
+from .engine import Engine, Request, engine_step_key, without_partial_character
+from .engine_model import fast_path_problem, unwrap
 from .features import left_pad
+from .sampling import resolve_sampling
 from .templates import encode_prompt, stop_token_ids
 
 
@@ -54,20 +57,15 @@ def worth_compiling(prompts: int, batch_size: int, max_new_tokens: int, cached: 
 
 @torch.inference_mode()
 def generate_each(model, tokenizer, template, samples, on_response, *, batch_size=8, progress=True,
-                  in_training=False, compile=None, **gen_kwargs) -> None:
+                  in_training=False, **gen_kwargs) -> None:
     """Calls on_response(index, response) for every sample as soon as its response is finished. `batch_size`:
     sequences decoded together (the engine's slots; a finished one's slot takes the next prompt at once).
 
     `in_training`: the model is being trained (evaluation during training). The engine then leaves it exactly as it
     was: no frozen (fused) weights, which would turn parameters into inference tensors that the next backward cannot
     use, and no compilation, which each evaluation would pay again. Said by the caller, not read from the model: the
-    Trainer puts the model in eval mode before it evaluates.
-
-    `compile`: compile the decode step (GPU); None decides by the job's size (`worth_compiling`)."""
-    from .compile_cache import compiled_before
-    from .engine import Engine, Request, engine_step_key
-    from .engine_model import fast_path_problem
-    from .sampling import resolve_sampling
+    Trainer puts the model in eval mode before it evaluates. Otherwise a GPU engine compiles its decode step when the
+    job is long enough to win the compilation back (`worth_compiling`)."""
 
     prompts = [encode_prompt(tokenizer, template, s) for s in samples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
@@ -85,10 +83,11 @@ def generate_each(model, tokenizer, template, samples, on_response, *, batch_siz
         gen = dict(gen_kwargs)
         max_new = gen.pop("max_new_tokens", None) or getattr(model.generation_config, "max_new_tokens", None) or 20
         params = resolve_sampling(model, **gen)
-        if compile is None:
-            compile = worth_compiling(len(prompts), batch_size, max_new, compiled_before(engine_step_key(model)))
+        on_gpu = unwrap(model).get_input_embeddings().weight.is_cuda
+        compile = on_gpu and not in_training and worth_compiling(len(prompts), batch_size, max_new,
+                                                                 compiled_before(engine_step_key(model)))
         engine = Engine(model, max_batch=min(batch_size, len(prompts)), max_len=len(prompts[order[0]]) + max_new,
-                        compile=compile and not in_training, frozen=False if in_training else None)
+                        compile=compile, frozen=False if in_training else None)
         index = {}
         for i in order:
             index[id(engine.add(Request(prompts[i], max_new, params, stop_ids=stops)))] = i
