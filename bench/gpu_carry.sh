@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # What the GPU recipe suite (bench/gpu_recipes.py) needs on the GPU machine, which has no registry and no ../shared:
 # .whl/ (wheels of the packages its image lacks, at the lock's versions) and .gpu/ (tokenizers and data copied from
-# ../shared), both ignored by git and named in the device call's `carry`. One group per call (64 MiB in all):
-#   bash bench/gpu_carry.sh recipes    # deepspeed, jieba, bitsandbytes; CSL, two novels, the Baichuan 2 tokenizer
-#   bash bench/gpu_carry.sh serving    # fastapi, uvicorn, openai, gradio (+ their needs), jieba; CSL, the tokenizer
-#   bash bench/gpu_carry.sh embedding  # faiss-cpu (19 MB) and the novel it indexes
-#   bash bench/gpu_carry.sh recipes serving    # both (~56 MB: just fits)
-# Two wheels are cut down to what runs there, to fit: bitsandbytes keeps its CUDA 13.0 and CPU libraries (the
-# machine's torch is cu130; 43 -> ~3 MB), jieba its dictionary and HMM (no POS tagger or keyword models; 19 -> ~4 MB).
+# ../shared), both ignored by git and named in the device call's `carry` (64 MiB in all). Sets (default: all three):
+#   recipes    deepspeed, jieba, bitsandbytes; CSL, two novels, the Baichuan 1 and 2 tokenizers
+#   serving    fastapi, uvicorn, openai, gradio (+ their needs)
+#   embedding  faiss-cpu (19 MB)
+# Three wheels are cut down to what runs there, to fit: bitsandbytes keeps its CUDA 13.0 and CPU libraries (the
+# machine's torch is cu130; 43 -> ~3 MB), jieba its dictionary and HMM (no POS tagger or keyword models; 19 -> ~4 MB),
+# gradio drops its server-side-rendering node bundle and example media (31 -> ~20 MB).
 set -euo pipefail
-[ $# -gt 0 ] || { echo "usage: gpu_carry.sh recipes|serving ..." >&2; exit 2; }
+[ $# -gt 0 ] || set -- recipes serving embedding
 cd "$(git rev-parse --show-toplevel)"
 for d in /.whl/ /.gpu/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
 rm -rf .whl .gpu && mkdir -p .whl .gpu/tokenizers .gpu/data/csl .gpu/data/novels
 shared=../shared
 cp -r "$shared/assets/tokenizers/baichuan1" "$shared/assets/tokenizers/baichuan2" .gpu/tokenizers/
 cp "$shared/data/csl/clge_val.tsv" .gpu/data/csl/
+cp "$shared/data/novels/xiyouji.txt" "$shared/data/novels/hongloumeng.txt" .gpu/data/novels/
 
 lock() { grep -iE "^${1//[-_]/[-_]}==" constraints.txt | head -1; }
 bin=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
@@ -40,20 +41,20 @@ EOF
 
 build jieba
 prune .whl/jieba-*.whl '^jieba/(__init__|_compat|__main__)\.py$|^jieba/dict\.txt$|^jieba/finalseg/'
+get pydantic pydantic_core annotated-types typing-inspection  # deepspeed's and fastapi's
 for group in "$@"; do case $group in
   recipes)
     build deepspeed hjson
-    get pydantic pydantic_core annotated-types typing-inspection bitsandbytes
-    prune .whl/bitsandbytes-*.whl '^bitsandbytes/(?!libbitsandbytes_(cuda(?!130)|rocm|xpu))'
-    cp "$shared/data/novels/xiyouji.txt" "$shared/data/novels/hongloumeng.txt" .gpu/data/novels/ ;;
-  embedding)  # faiss-cpu (19 MB): Baichuan-Embedding's index; the novel it indexes
-    get faiss-cpu
-    cp "$shared/data/novels/xiyouji.txt" .gpu/data/novels/ ;;
+    get bitsandbytes
+    prune .whl/bitsandbytes-*.whl '^bitsandbytes/(?!libbitsandbytes_(cuda(?!130)|rocm|xpu))' ;;
+  embedding)  # Baichuan-Embedding's index
+    get faiss-cpu ;;
   serving)
-    get pydantic pydantic_core annotated-types typing-inspection fastapi starlette uvicorn opentelemetry-api \
+    get fastapi starlette uvicorn opentelemetry-api \
         openai jiter sniffio httpx2 httpcore2 truststore gradio gradio_client hf-gradio safehttpx groovy \
-        orjson python-multipart tomlkit semantic-version brotli pydub ;;
-  *) echo "unknown group $group (recipes, serving)" >&2; exit 2 ;;
+        orjson python-multipart tomlkit semantic-version brotli pydub pytz
+    prune .whl/gradio-*.whl '^(?!gradio/(templates/node|media_assets)/)' ;;
+  *) echo "unknown set $group (recipes, serving, embedding)" >&2; exit 2 ;;
 esac; done
 du -sh .whl .gpu
 echo "carry: .whl .gpu (with the tracked files: $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes)"

@@ -1,4 +1,4 @@
-"""The model-specific steps of the GPU recipe suite (bench/gpu_recipes.py serving), for one shape, in one process:
+"""The model-specific steps of the GPU recipe suite (bench/gpu_recipes.py, part `shapes`), for one shape, in one process:
 load a saved random-initialised model of real layer sizes (2 layers) the way the recipes do, a few LoRA steps and a
 few full fine-tuning steps through the recipes' Trainer (evaluation with ROUGE of generated responses on), engine
 generation against `generate`, and the LoRA adapter saved and reloaded to identical logits.
@@ -8,7 +8,7 @@ generation against `generate`, and the LoRA adapter saved and reloaded to identi
 Prints one "[steps] name: ok / FAILED ..." line per step and "[steps] all passed" at the end when every one did.
 Baichuan-7B takes the Baichuan 1 tokenizer, the others Baichuan 2's; Qwen2 and Llama 3, whose tokenizers are not in
 ../shared, take Baichuan 2's with their vocabulary cut to its size (random weights would otherwise pick ids it cannot
-decode). Layers are not compiled here (`compile_layers=false`): the recipes group compiles them on the Baichuan 2 shape, and
+decode). Layers are not compiled here (`compile_layers=false`): the folder parts compile them on the Baichuan 2 shape, and
 four shapes x two trainings would spend most of the call compiling.
 """
 
@@ -117,7 +117,11 @@ def main():
         write_base_fingerprint(str(work / "adapter"), state["lora"].get_base_model().config)
 
     def reload_adapter():
-        live = state["lora"].eval()
+        from accelerate.utils import extract_model_from_parallel
+
+        # the Trainer's bf16 mixed precision leaves an autocast wrapper on forward (under it LoRA's float32 matmuls
+        # run in bf16: the first GPU run saw logits 1 bf16 step apart); the weights are compared, so it comes off
+        live = extract_model_from_parallel(state["lora"], keep_fp32_wrapper=False).eval()
         ids = torch.tensor([encode_prompt(tokenizer, state["template"], Sample(prompt="根据标题生成摘要：超立方体网络",
                                                                              response=""))], device=device)
         with torch.no_grad():

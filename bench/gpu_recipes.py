@@ -3,20 +3,24 @@
 Each folder's shell scripts with their defaults (evaluation on), on random-initialised models of real layer sizes
 (bench/shapes.py, 2 layers) with the real Baichuan tokenizers and real data (CSL, the novels); each training script
 killed once (kill -9) mid-training and run again, which must resume. One table: step, pass/fail, wall time, time to
-the first training step or first token, peak GPU memory; written to OUT/gpu_recipes_<group>.{md,json}.
+the first training step or first token, peak GPU memory; written to OUT/gpu_recipes.{md,json}.
 
-    bash bench/gpu_carry.sh recipes              # here: wheels, tokenizers and data into .gpu/ and .whl/
-    python3 bench/gpu_recipes.py recipes --assets .gpu --out "$OUT"     # there (docs/gpu_recipes.md: the call)
+    bash bench/gpu_carry.sh                        # here: wheels, tokenizers and data into .whl/ and .gpu/
+    python3 bench/gpu_recipes.py --assets .gpu --out "$OUT"     # there, one device call (docs/gpu_recipes.md)
 
-Groups, each one device call of under 10 minutes:
-  recipes  Baichuan2-7B layer sizes: Finetune-Lora (+ merge_lora.py), Finetune (full), Finetune-QLora, each trained
-           (killed, resumed), then run_predict.sh on the dev file and in submission mode; Baichuan-Pretrain continued
-           (killed, resumed) and from scratch, then its run_predict.sh; Baichuan-Embedding build + search;
-           run_analysis.sh model (its estimates; the measured check runs on CPU for models up to 50M parameters).
-  serving  `python -m novelkit.serve` answering the openai client (streaming too) and web_demo.py answering
-           gradio_client, each started twice: cold (empty compile cache) and warm (time to the first token); then the
-           model-specific steps on Baichuan-7B (RoPE), Baichuan2-13B (ALiBi), Qwen2 and Llama shapes: load, LoRA and
-           full training steps with evaluation, engine generation, save and reload to identical logits.
+Parts (--only), run in concurrent lanes so that the whole suite fits one call of under 10 minutes (--lanes 1: one
+after another, for timings without neighbours):
+  lora, full, qlora  ds_finetune.sh (killed, rerun: resumes), run_predict.sh on the dev file and in submission mode;
+                     LoRA also merge_lora.py
+  pretrain           Baichuan-Pretrain continued (killed, resumed), then its run_predict.sh on the held-out book
+  scratch            Baichuan-Pretrain from scratch (babyllama config, a tokenizer trained on the corpus)
+  embedding          Baichuan-Embedding build + search
+  analysis           run_analysis.sh model (its estimates; the measured check runs on CPU up to 50M parameters)
+  serve, demo        `python -m novelkit.serve` answering the openai client (streaming too), started cold (empty
+                     compile cache) and warm; web_demo.py answering gradio_client
+  qwen               the server, cold and warm, on the Qwen2-1.5B shape (all 28 layers): the warm-up target
+  shapes             the model-specific steps on Baichuan-7B (RoPE), Baichuan2-13B (ALiBi), Qwen2 and Llama shapes:
+                     load, LoRA and full training steps with evaluation, engine generation, save and reload
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 FIRST_STEP = "first training step"  # `first=` for the training scripts: the Trainer's progress bar moves
+PARTS = ("lora", "full", "qlora", "pretrain", "scratch", "embedding", "analysis", "serve", "demo", "qwen", "shapes")
+# Lanes run side by side (one H200 holds them all: ~70 GiB together); each lane's parts run in order. The two
+# trainings of all weights share a lane (their checkpoints would not fit the disk together); the serving lane's
+# first tokens are measured with neighbours training (--lanes 1 for quiet timings).
+LANES = (("full", "pretrain"), ("lora", "embedding", "analysis"), ("qlora", "scratch"), ("serve", "demo", "qwen"),
+         ("shapes",))
 
 
 @dataclass
@@ -50,6 +60,9 @@ class Result:
     peak_gib: float | None = None
     note: str = ""
     log: str = ""
+    part: str = ""
+    lane_peers: int = 0  # other lanes running when the step started
+    peak_scope: str = ""  # "process": the step's own processes; "gpu": the whole GPU's (neighbours included)
 
 
 @dataclass
@@ -59,10 +72,20 @@ class Suite:
     out: Path
     budget_s: float
     tiny: list = field(default_factory=list)  # ["--tiny"] for a CPU dry run (bench/shapes.py)
-    only: set = field(default_factory=set)  # parts to run (--only); empty: all of the group
-    group: str = ""
+    only: set = field(default_factory=set)  # parts to run (--only); empty: all
     results: list[Result] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    running_lanes: int = 0
+
+    @property
+    def model(self) -> Path:
+        return self.work / "baichuan2-7b-l2"
+
+    @property
+    def csl(self) -> Path:
+        return self.work / "csl"
+    local: threading.local = field(default_factory=threading.local)
 
     # --- running one command ---------------------------------------------------------------------------------
     def run(self, step: str, cmd: list[str] | str, env: dict | None = None, *, first: str | None = None,
@@ -71,14 +94,15 @@ class Suite:
         match in the output marks the first step/token; first_file: a file whose appearance (non-empty) does.
         kill_when(): True -> kill -9 the process group (the step then passes if it was killed as planned).
         check(log) -> note string on failure, '' or None when all is well."""
-        result = Result(step)
+        result = self.new_result(step)
         left = self.time_left()
         if left < 20:
             result.note = "not run: the call's time budget is spent"
             self.record(result)
             return result
         log_path = log_file(self.work, step)
-        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        # a port of its own for the deepspeed launcher's rendezvous: lanes launch side by side
+        full_env = {**os.environ, "MASTER_PORT": str(free_port()), **(env or {}), "PYTHONUNBUFFERED": "1"}
         argv = ["bash", "-c", cmd] if isinstance(cmd, str) else cmd
         start = time.time()
         proc = subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -100,7 +124,7 @@ class Suite:
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        sampler = GpuMemory()
+        sampler = GpuMemory(proc.pid)
         killed = False
         deadline = start + min(timeout, left)
         while proc.poll() is None:
@@ -117,7 +141,7 @@ class Suite:
         proc.wait()
         reader.join(timeout=10)
         result.wall_s = time.time() - start
-        result.peak_gib = sampler.stop()
+        result.peak_gib, result.peak_scope = sampler.stop(), sampler.scope
         result.first_s = marks.get("first")
         log = "".join(chunks)
         log_path.write_text(log)
@@ -131,15 +155,21 @@ class Suite:
             if not result.ok:
                 result.note = f"rc {proc.returncode}: " + last_error(log)
             elif check is not None:
-                problem = check(log)
+                try:
+                    problem = check(log)
+                except Exception as error:  # noqa: BLE001 - a check that breaks fails its row, not the part
+                    problem = f"check failed: {type(error).__name__}: {error}"
                 result.ok, result.note = not problem, problem or ""
         self.record(result)
         return result
 
+    def new_result(self, step: str) -> Result:
+        return Result(step, part=getattr(self.local, "part", ""), lane_peers=max(self.running_lanes - 1, 0))
+
     def record(self, result: Result):
-        self.results.append(result)
-        if self.group:  # written after every step: a call cut short still brings its rows back
-            self.save(self.group, {"command": " ".join(sys.argv), "partial": True}, quiet=True)
+        with self.lock:  # written after every step: a call cut short still brings its rows back
+            self.results.append(result)
+            self.save({"command": " ".join(sys.argv), "partial": True}, quiet=True)
         first = f"{result.first_s:.1f}" if result.first_s is not None else "-"
         peak = f"{result.peak_gib:.1f}" if result.peak_gib is not None else "-"
         print(f"[suite] {'PASS' if result.ok else 'FAIL'} {result.step}: {result.wall_s:.1f} s, first {first} s, "
@@ -148,9 +178,12 @@ class Suite:
     def table(self, title: str) -> str:
         rows = [f"### {title}", "", "| step | result | wall s | first step / token s | peak GPU GiB | note |",
                 "|---|---|---:|---:|---:|---|"]
-        for r in self.results:
+        order = {part: i for i, part in enumerate(("",) + PARTS)}
+        for r in sorted(self.results, key=lambda r: order.get(r.part, 0)):  # by part; in order within one
             first = f"{r.first_s:.1f}" if r.first_s is not None else ""
             peak = f"{r.peak_gib:.1f}" if r.peak_gib is not None else ""
+            if peak and r.peak_scope == "gpu" and r.lane_peers:
+                peak += " (GPU)"  # nvidia-smi could not name the step's processes: the whole GPU's, lanes included
             rows.append(f"| {r.step} | {'pass' if r.ok else '**FAIL**'} | {r.wall_s:.1f} | {first} | {peak} | "
                         f"{r.note.replace('|', '/')[:160]} |")
         passed = sum(r.ok for r in self.results)
@@ -160,30 +193,73 @@ class Suite:
     def time_left(self) -> float:
         return self.budget_s - (time.time() - self.started)
 
-    def save(self, group: str, extra: dict, quiet: bool = False):
+    def save(self, extra: dict, quiet: bool = False):
         self.out.mkdir(parents=True, exist_ok=True)
-        md = self.table(f"GPU recipe suite: {group}")
-        (self.out / f"gpu_recipes_{group}.md").write_text(md + "\n")
-        payload = {"group": group, "machine": machine(), **extra, "results": [asdict(r) for r in self.results]}
-        (self.out / f"gpu_recipes_{group}.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False))
+        md = self.table("GPU recipe suite")
+        (self.out / "gpu_recipes.md").write_text(md + "\n")
+        payload = {"machine": machine(), **extra, "results": [asdict(r) for r in self.results]}
+        (self.out / "gpu_recipes.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False))
         if not quiet:
-            shutil.make_archive(str(self.out / f"gpu_recipes_{group}_logs"), "gztar", self.work / "logs")
+            shutil.make_archive(str(self.out / "gpu_recipes_logs"), "gztar", self.work / "logs")
             print(md, flush=True)
-
 
     def wants(self, part: str) -> bool:
         return not self.only or part in self.only
 
+    def run_lanes(self, lanes, steps: dict):
+        """Each lane (a list of parts) in a thread of its own, its parts one after another."""
+        def lane(parts):
+            for part in parts:
+                self.local.part = part
+                try:
+                    steps[part](self)
+                except Exception as error:  # noqa: BLE001 - a broken part is a failed row, not the end of the suite
+                    result = self.new_result(f"{part}: {type(error).__name__}")
+                    result.note = str(error)[:300]
+                    self.record(result)
+            with self.lock:
+                self.running_lanes -= 1
+
+        lanes = [[p for p in parts if self.wants(p)] for parts in lanes]
+        lanes = [parts for parts in lanes if parts]
+        self.running_lanes = len(lanes)
+        threads = [threading.Thread(target=lane, args=(parts,), daemon=True) for parts in lanes]
+        for thread in threads:
+            thread.start()
+            time.sleep(2)  # staggered: the processes' imports and launches do not all land at once
+        for thread in threads:
+            thread.join()
+
 
 class GpuMemory:
-    """Peak of the GPU's used memory (nvidia-smi, every 0.25 s) above what was in use at the start, in GiB."""
+    """Peak GPU memory of one step's processes (the process group `pgid`: nvidia-smi's compute apps, every 0.25 s),
+    in GiB. Where nvidia-smi cannot name the processes (another PID namespace), the GPU's used memory above what
+    was in use at the start: the step's own only when no other lane runs."""
 
-    def __init__(self):
+    def __init__(self, pgid: int | None = None):
+        self.pgid = pgid
         self.base = self._used()
         self.peak = self.base
+        self.own_peak = 0.0
         self.running = self.base is not None
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
+
+    def _own(self) -> float:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,"
+                                  "nounits", "-i", "0"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return 0.0
+        total = 0.0
+        for line in out.splitlines():
+            try:
+                pid, used = (x.strip() for x in line.split(","))
+                if os.getpgid(int(pid)) == self.pgid:
+                    total += float(used)
+            except (ValueError, OSError):
+                continue
+        return total
 
     @staticmethod
     def _used():
@@ -199,11 +275,16 @@ class GpuMemory:
             used = self._used()
             if used is not None:
                 self.peak = max(self.peak, used)
+            if self.pgid is not None:
+                self.own_peak = max(self.own_peak, self._own())
             time.sleep(0.25)
 
     def stop(self):
         self.running = False
         self.thread.join(timeout=5)
+        self.scope = "process" if self.own_peak else "gpu"
+        if self.own_peak:
+            return self.own_peak / 1024
         return None if self.base is None else (self.peak - self.base) / 1024
 
 
@@ -271,7 +352,7 @@ def check_trained(folder: Path, steps: int, weights: str, rouge: bool = True):
 def check_predictions(folder: Path, count: int):
     def check(log):
         path = folder / "predictions.jsonl"
-        rows = path.read_text().splitlines() if path.exists() else []
+        rows = [x for x in path.read_text().split("\n") if x] if path.exists() else []  # U+2028 stays in its row
         if len(rows) != count:
             return f"{len(rows)} predictions, expected {count}"
         if not (folder / "metrics.json").exists():
@@ -285,105 +366,150 @@ def check_submission(path: Path, count: int):
         if not path.exists():
             return "no submission file"
         text = path.read_text()
-        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines()]
+        # split on "\n" only: generated text may hold U+2028, which str.splitlines() splits on
+        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.split("\n") if x]
         filled = sum(bool(str(r.get("output", "")).strip()) for r in records)
         return "" if len(records) == count and filled else f"{len(records)} records, {filled} with an output"
     return check
 
 
-# --- the recipes group ---------------------------------------------------------------------------------------------
+# --- the parts -------------------------------------------------------------------------------------------------------
 
 
-def recipes(suite: Suite):
-    work, assets = suite.work, suite.assets
-    tok2 = assets / "tokenizers" / "baichuan2"
-    model = work / "baichuan2-7b-l2"
-    csl = work / "csl"
-    novels = assets / "data" / "novels"
+def prepare(suite: Suite):
+    """What several parts share: the Baichuan2-7B-shaped model and the CSL files."""
     suite.run("build model (Baichuan2-7B layers, 2 of 32)",
-              [PY, "bench/shapes.py", "baichuan2-7b", str(model), "--layers", "2", "--tokenizer", str(tok2),
-               *suite.tiny])
-    if {"lora", "full", "qlora"} & suite.only or not suite.only:
-        suite.run("prepare_data.py csl", [PY, "Baichuan-Finetune/prepare_data.py", "csl", "--raw",
-                                          str(assets / "data" / "csl" / "clge_val.tsv"), "--output_dir", str(csl)])
-    data = {"MODEL_PATH": str(model), "DATA": str(csl / "train.json"), "DEV": str(csl / "dev.json"), "EPOCHS": "1"}
-    first_step = FIRST_STEP
-
-    folders = [("lora", "Baichuan-Finetune-Lora", 20, "adapter_model.safetensors"),
-               ("full", "Baichuan-Finetune", 10, "model.safetensors"),
-               ("qlora", "Baichuan-Finetune-QLora", 20, "adapter_model.safetensors")]
-    for tag, folder, steps, weights in folders:
-        if not suite.wants(tag):
-            continue
-        out = work / tag
-        env = {**data, "OUTPUT_DIR": str(out)}
-        cmd = f"bash {folder}/ds_finetune.sh --max_steps {steps}"
-        kill_at = steps * 2 // 5  # the second of the evaluations (and saves) at every fifth of the steps
-        suite.run(f"{folder}/ds_finetune.sh (killed at step > {kill_at})", cmd, env, first=first_step,
-                  kill_when=has_checkpoint(out, kill_at), timeout=300)
-        suite.run(f"{folder}/ds_finetune.sh (rerun: resumes)", cmd, env, first=first_step, timeout=300,
-                  check=check_trained(out, steps, weights))
-        predict = {"MODEL_PATH": str(out)} if tag == "full" else {"LORA_MODEL": str(out)}
-        pred_dir = out / "dev-predictions"
-        suite.run(f"{folder}/run_predict.sh (dev, ROUGE)", f"bash {folder}/run_predict.sh",
-                  {**predict, "DATA": str(csl / "dev.json"), "OUTPUT_DIR": str(pred_dir)},
-                  first_file=pred_dir / "predictions.jsonl", check=check_predictions(pred_dir, 100))
-        submit = out / "submit.json"
-        suite.run(f"{folder}/run_predict.sh (submission)", f"bash {folder}/run_predict.sh",
-                  {**predict, "DATA": str(csl / "test.json"), "SUBMIT": str(submit),
-                   "OUTPUT_DIR": str(out / "submit-run")},
-                  first_file=out / "submit-run" / "predictions.jsonl", check=check_submission(submit, 100))
-        if tag == "lora":
-            merged = work / "lora-merged"
-            suite.run("Baichuan-Finetune-Lora/merge_lora.py",
-                      [PY, "Baichuan-Finetune-Lora/merge_lora.py", "--lora_model", str(out), "--output_dir",
-                       str(merged)], check=lambda log: "" if (merged / "config.json").exists() else "no merged model")
-
-    if suite.wants("pretrain"):
-        pretrain_steps(suite, model, novels, work)
-    if suite.wants("embedding"):
-        index = work / "embedding"
-        suite.run("Baichuan-Embedding/run_embedding.sh (build)", "bash Baichuan-Embedding/run_embedding.sh",
-                  {"MODEL_PATH": str(model), "DATA": str(novels / "xiyouji.txt"), "INDEX_DIR": str(index)})
-        suite.run("Baichuan-Embedding/embed.py search",
-                  [PY, "Baichuan-Embedding/embed.py", "search", "--index", str(index), "孙悟空大闹天宫"],
-                  check=lambda log: "" if "xiyouji" in log else "no passage of the book found")
-    if suite.wants("analysis"):
-        # as the README runs it: --measure auto checks the estimate against a measured CPU run only for models of
-        # up to 50M parameters (one CPU thread, 8 training steps: a 1.4B model takes longer than the whole call)
-        suite.run("Baichuan-Analysis/run_analysis.sh model",
-                  "bash Baichuan-Analysis/run_analysis.sh model",
-                  {"MODEL_PATH": str(model), "OUTPUT_DIR": str(work / "analysis")},
-                  check=lambda log: "" if (work / "analysis" / "report.json").exists() else "no report")
-    if "serve" in suite.only:  # the serving group's parts, asked for by name (a call can carry both groups' wheels)
-        serve_client(suite, model, "cold: empty compile cache")
-        serve_client(suite, model, "warm: second start")
-    if "demo" in suite.only:
-        demo_client(suite, model, "warm")
+              [PY, "bench/shapes.py", "baichuan2-7b", str(suite.model), "--layers", "2", "--tokenizer",
+               str(suite.assets / "tokenizers" / "baichuan2"), *suite.tiny])
+    suite.run("prepare_data.py csl", [PY, "Baichuan-Finetune/prepare_data.py", "csl", "--raw",
+                                      str(suite.assets / "data" / "csl" / "clge_val.tsv"), "--output_dir",
+                                      str(suite.csl)])
 
 
-def pretrain_steps(suite: Suite, model: Path, novels: Path, work: Path):
-    first_step = FIRST_STEP
-    pretrain = {"CORPUS": str(novels), "EVAL_BOOKS": "xiyouji"}
-    extra = "--max_steps 30 --eval_steps 10 --save_steps 10"
-    out = work / "pretrain"
-    env = {**pretrain, "MODEL_PATH": str(model), "OUTPUT_DIR": str(out)}
-    suite.run("Baichuan-Pretrain/ds_finetune.sh continue (killed at step > 10)",
-              f"bash Baichuan-Pretrain/ds_finetune.sh {extra}", env, first=first_step,
+def drop_checkpoints(folder: Path):
+    """The suite's disk (64 GiB there) holds the lanes' outputs at once: a finished part's checkpoints go."""
+    for checkpoint in folder.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+# part: (folder, --max_steps, the step after whose checkpoint the first run is killed, extra flags). Full fine-tuning
+# evaluates and saves at half-way (17 GB checkpoints of a 1.4B model: float32 weights and AdamW state; one kept), so
+# that it and the pretraining after it in its lane fit the machine's 64 GiB disk.
+FINETUNE = {"lora": ("Baichuan-Finetune-Lora", 20, 8, ""),
+            "full": ("Baichuan-Finetune", 10, 5, "--save_total_limit 1"),
+            "qlora": ("Baichuan-Finetune-QLora", 20, 8, "")}
+
+
+def finetune(suite: Suite, tag: str):
+    folder, steps, kill_at, extra = FINETUNE[tag]
+    weights = "model.safetensors" if tag == "full" else "adapter_model.safetensors"
+    work, csl = suite.work, suite.csl
+    out = work / tag
+    env = {"MODEL_PATH": str(suite.model), "DATA": str(csl / "train.json"), "DEV": str(csl / "dev.json"),
+           "EPOCHS": "1", "OUTPUT_DIR": str(out)}
+    if tag == "full":
+        env["EVAL_STEPS"] = "0.5"  # the script's own setting (evaluation and saves)
+    cmd = f"bash {folder}/ds_finetune.sh --max_steps {steps} {extra}".strip()
+    suite.run(f"{folder}/ds_finetune.sh (killed at step > {kill_at})", cmd, env, first=FIRST_STEP,
+              kill_when=has_checkpoint(out, kill_at), timeout=300)
+    suite.run(f"{folder}/ds_finetune.sh (rerun: resumes)", cmd, env, first=FIRST_STEP, timeout=300,
+              check=check_trained(out, steps, weights))
+    drop_checkpoints(out)
+    predict = {"MODEL_PATH": str(out)} if tag == "full" else {"LORA_MODEL": str(out)}
+    pred_dir = out / "dev-predictions"
+    suite.run(f"{folder}/run_predict.sh (dev, ROUGE)", f"bash {folder}/run_predict.sh",
+              {**predict, "DATA": str(csl / "dev.json"), "OUTPUT_DIR": str(pred_dir)},
+              first_file=pred_dir / "predictions.jsonl", check=check_predictions(pred_dir, 100))
+    submit = out / "submit.json"
+    suite.run(f"{folder}/run_predict.sh (submission)", f"bash {folder}/run_predict.sh",
+              {**predict, "DATA": str(csl / "test.json"), "SUBMIT": str(submit), "OUTPUT_DIR": str(out / "submit-run")},
+              first_file=out / "submit-run" / "predictions.jsonl", check=check_submission(submit, 100))
+    if tag == "lora":
+        merged = work / "lora-merged"
+        suite.run("Baichuan-Finetune-Lora/merge_lora.py",
+                  [PY, "Baichuan-Finetune-Lora/merge_lora.py", "--lora_model", str(out), "--output_dir", str(merged)],
+                  check=lambda log: "" if (merged / "config.json").exists() else "no merged model")
+        shutil.rmtree(merged, ignore_errors=True)
+    if tag == "full":
+        shutil.rmtree(out, ignore_errors=True)  # 6 GB: room for the pretraining after it
+
+
+PRETRAIN_FLAGS = "--max_steps 20 --eval_steps 10 --save_steps 10 --save_total_limit 1"
+
+
+def pretrain(suite: Suite):
+    novels = suite.assets / "data" / "novels"
+    out = suite.work / "pretrain"
+    env = {"CORPUS": str(novels), "EVAL_BOOKS": "xiyouji", "MODEL_PATH": str(suite.model), "OUTPUT_DIR": str(out)}
+    cmd = f"bash Baichuan-Pretrain/ds_finetune.sh {PRETRAIN_FLAGS}"
+    suite.run("Baichuan-Pretrain/ds_finetune.sh continue (killed at step > 10)", cmd, env, first=FIRST_STEP,
               kill_when=has_checkpoint(out, 10), timeout=300)
-    suite.run("Baichuan-Pretrain/ds_finetune.sh continue (rerun: resumes)",
-              f"bash Baichuan-Pretrain/ds_finetune.sh {extra}", env, first=first_step, timeout=300,
-              check=check_trained(out, 30, "model.safetensors", rouge=False))
-    scratch = work / "scratch"
-    suite.run("Baichuan-Pretrain/ds_finetune.sh from scratch (babyllama)",
-              f"bash Baichuan-Pretrain/ds_finetune.sh {extra}",
-              {**pretrain, "MODEL_CONFIG": "Baichuan-Pretrain/configs/babyllama.json", "OUTPUT_DIR": str(scratch)},
-              first=first_step, timeout=300,
-              check=lambda log: "" if (scratch / "model.safetensors").exists() else "no model saved")
+    suite.run("Baichuan-Pretrain/ds_finetune.sh continue (rerun: resumes)", cmd, env, first=FIRST_STEP, timeout=300,
+              check=check_trained(out, 20, "model.safetensors", rouge=False))
+    drop_checkpoints(out)
     suite.run("Baichuan-Pretrain/run_predict.sh (held-out book)", "bash Baichuan-Pretrain/run_predict.sh",
               {"MODEL_PATH": str(out), "BOOK": str(novels / "xiyouji.txt"), "OUTPUT_DIR": str(out / "eval")},
               check=lambda log: "" if list((out / "eval").glob("*.json")) else "no evaluation written")
 
+
+def scratch(suite: Suite):
+    scratch = suite.work / "scratch"
+    suite.run("Baichuan-Pretrain/ds_finetune.sh from scratch (babyllama)",
+              f"bash Baichuan-Pretrain/ds_finetune.sh {PRETRAIN_FLAGS}",
+              {"CORPUS": str(suite.assets / "data" / "novels"), "EVAL_BOOKS": "xiyouji",
+               "MODEL_CONFIG": "Baichuan-Pretrain/configs/babyllama.json", "OUTPUT_DIR": str(scratch)},
+              first=FIRST_STEP, timeout=300,
+              check=lambda log: "" if (scratch / "model.safetensors").exists() else "no model saved")
+
+
+def embedding(suite: Suite):
+    index = suite.work / "embedding"
+    suite.run("Baichuan-Embedding/run_embedding.sh (build)", "bash Baichuan-Embedding/run_embedding.sh",
+              {"MODEL_PATH": str(suite.model), "DATA": str(suite.assets / "data" / "novels" / "xiyouji.txt"),
+               "INDEX_DIR": str(index)})
+    suite.run("Baichuan-Embedding/embed.py search",
+              [PY, "Baichuan-Embedding/embed.py", "search", "--index", str(index), "孙悟空大闹天宫"],
+              check=lambda log: "" if "xiyouji" in log else "no passage of the book found")
+
+
+def analysis(suite: Suite):
+    # as the README runs it: --measure auto checks the estimate against a measured CPU run only for models of up to
+    # 50M parameters (one CPU thread, 8 training steps: a 1.4B model takes longer than the whole call)
+    report = suite.work / "analysis"
+    suite.run("Baichuan-Analysis/run_analysis.sh model", "bash Baichuan-Analysis/run_analysis.sh model",
+              {"MODEL_PATH": str(suite.model), "OUTPUT_DIR": str(report)},
+              check=lambda log: "" if (report / "report.json").exists() else "no report")
+
+
+def serve(suite: Suite):
+    serve_client(suite, suite.model, "cold: empty compile cache")
+    serve_client(suite, suite.model, "warm: second start")
+
+
+def qwen(suite: Suite):
+    model = suite.work / "qwen2-1.5b"
+    # Baichuan 2's tokenizer stands in for Qwen2's (not in ../shared): the vocabulary is its 125,696 ids, not 151,936
+    suite.run("build model (Qwen2-1.5B, all 28 layers, Baichuan 2 vocabulary)",
+              [PY, "bench/shapes.py", "qwen2-1.5b", str(model), "--tokenizer",
+               str(suite.assets / "tokenizers" / "baichuan2"), "--vocab_size", "125696", *suite.tiny])
+    serve_client(suite, model, "Qwen2-1.5B cold")
+    serve_client(suite, model, "Qwen2-1.5B warm")
+
+
+def shapes(suite: Suite):
+    for shape in ("baichuan-7b", "baichuan2-13b", "qwen2-1.5b", "llama3-8b"):
+        tokenizer = suite.assets / "tokenizers" / ("baichuan1" if shape == "baichuan-7b" else "baichuan2")
+        work = suite.work / f"steps-{shape}"
+        suite.run(f"model steps: {shape} (2 layers)",
+                  [PY, "bench/gpu_model_steps.py", shape, "--tokenizer", str(tokenizer), "--data", str(suite.csl),
+                   "--work", str(work), *suite.tiny], timeout=240,
+                  check=lambda log: "" if "[steps] all passed" in log else last_error(log))
+        shutil.rmtree(work, ignore_errors=True)
+
+
+STEPS = {"lora": lambda s: finetune(s, "lora"), "full": lambda s: finetune(s, "full"),
+         "qlora": lambda s: finetune(s, "qlora"), "pretrain": pretrain, "scratch": scratch, "embedding": embedding, "analysis": analysis,
+         "serve": serve, "demo": lambda s: demo_client(s, s.model, "warm"), "qwen": qwen, "shapes": shapes}
 
 
 # --- the serving group ---------------------------------------------------------------------------------------------
@@ -393,7 +519,7 @@ def pretrain_steps(suite: Suite, model: Path, novels: Path, work: Path):
 def launched(suite: Suite, step: str, argv: list[str], ready, env: dict | None = None):
     """A server (`argv`) started for one step: yields (result, start time) once ready() is true; then stopped, its
     wall time, peak GPU memory and log filled in, the row recorded. An exception inside is the row's note."""
-    result = Result(step)
+    result = suite.new_result(step)
     if suite.time_left() < 60:
         result.note = "not run: the call's time budget is spent"
         suite.record(result)
@@ -401,10 +527,10 @@ def launched(suite: Suite, step: str, argv: list[str], ready, env: dict | None =
         return
     log_path = log_file(suite.work, step)
     start = time.time()
-    sampler = GpuMemory()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    sampler = GpuMemory(proc.pid)
     try:
         while True:
             if proc.poll() is not None or time.time() - start > suite.time_left():
@@ -419,10 +545,13 @@ def launched(suite: Suite, step: str, argv: list[str], ready, env: dict | None =
     except Exception as error:  # noqa: BLE001 - a failed step is a row, not the end of the suite
         result.ok, result.note = False, f"{type(error).__name__}: {error}"[:300]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        except ProcessLookupError:  # it had already exited: the note says why
+            pass
         result.wall_s = time.time() - start
-        result.peak_gib = sampler.stop()
+        result.peak_gib, result.peak_scope = sampler.stop(), sampler.scope
         result.log = str(log_path)
         suite.record(result)
 
@@ -483,55 +612,32 @@ def demo_client(suite: Suite, model: Path, tag: str):
         result.note = "" if result.ok else f"{len(chunks)} chunks, final {final!r}"
 
 
-def serving(suite: Suite):
-    work, assets = suite.work, suite.assets
-    tok2 = assets / "tokenizers" / "baichuan2"
-    model = work / "baichuan2-7b-l2"
-    suite.run("build model (Baichuan2-7B layers, 2 of 32)",
-              [PY, "bench/shapes.py", "baichuan2-7b", str(model), "--layers", "2", "--tokenizer", str(tok2),
-               *suite.tiny])
-    serve_client(suite, model, "cold: empty compile cache")
-    serve_client(suite, model, "warm: second start")
-    demo_client(suite, model, "warm")
-    qwen = work / "qwen2-1.5b"
-    # Baichuan 2's tokenizer stands in for Qwen2's (not in ../shared): the vocabulary is its 125,696 ids, not 151,936
-    suite.run("build model (Qwen2-1.5B, all 28 layers, Baichuan 2 vocabulary)",
-              [PY, "bench/shapes.py", "qwen2-1.5b", str(qwen), "--tokenizer", str(tok2), "--vocab_size", "125696",
-               *suite.tiny])
-    serve_client(suite, qwen, "Qwen2-1.5B cold")
-    serve_client(suite, qwen, "Qwen2-1.5B warm")
-    csl = work / "csl"
-    suite.run("prepare_data.py csl", [PY, "Baichuan-Finetune/prepare_data.py", "csl", "--raw",
-                                      str(assets / "data" / "csl" / "clge_val.tsv"), "--output_dir", str(csl)])
-    for shape in ("baichuan-7b", "baichuan2-13b", "qwen2-1.5b", "llama3-8b"):
-        tokenizer = assets / "tokenizers" / ("baichuan1" if shape == "baichuan-7b" else "baichuan2")
-        suite.run(f"model steps: {shape} (2 layers)",
-                  [PY, "bench/gpu_model_steps.py", shape, "--tokenizer", str(tokenizer), "--data", str(csl),
-                   "--work", str(work / f"steps-{shape}"), *suite.tiny], timeout=240,
-                  check=lambda log: "" if "[steps] all passed" in log else last_error(log))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("group", choices=["recipes", "serving"])
     parser.add_argument("--assets", default=".gpu", help="tokenizers/ and data/ copied from ../shared (gpu_carry.sh)")
     parser.add_argument("--out", default=os.environ.get("OUT", "output/gpu_recipes"))
     parser.add_argument("--work", default="/tmp/gpu_recipes")
     parser.add_argument("--budget", type=float, default=560, help="seconds; later steps are not started past it")
     parser.add_argument("--tiny", action="store_true", help="hidden size 64 models: a dry run of the plumbing on a CPU")
-    parser.add_argument("--only", default="", help="comma list of parts: recipes: lora, full, qlora, pretrain, "
-                                                     "embedding, analysis, serve, demo; serving: serve, demo, shapes")
+    parser.add_argument("--only", default="", help="comma list of parts: " + ", ".join(PARTS))
+    parser.add_argument("--lanes", type=int, default=0, help=f"parts run side by side ({len(LANES)}: the suite's "
+                        "lanes; 1: one after another); default: the lanes on a GPU, one after another with --tiny")
     args = parser.parse_args()
+    only = {part.strip() for part in args.only.split(",") if part.strip()}
+    if only - set(PARTS):
+        parser.error(f"unknown parts {sorted(only - set(PARTS))}; the parts: {', '.join(PARTS)}")
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     # a fresh NOVELKIT_HOME: the compile cache starts empty, so the first start of each shape is a cold one
     os.environ["NOVELKIT_HOME"] = str(work / "home")
     suite = Suite(work, Path(args.assets).resolve(), Path(args.out), args.budget, ["--tiny"] if args.tiny else [],
-                  {part.strip() for part in args.only.split(",") if part.strip()})
-    suite.group = args.group
-    (recipes if args.group == "recipes" else serving)(suite)
-    suite.save(args.group, {"command": " ".join(sys.argv)})
+                  only)
+    prepare(suite)
+    lanes = args.lanes or (1 if args.tiny else len(LANES))  # a CPU has no cores to spare for side-by-side training
+    lanes = LANES if lanes > 1 else [[part for lane in LANES for part in lane]]
+    suite.run_lanes(lanes, STEPS)
+    suite.save({"command": " ".join(sys.argv), "lanes": len(lanes)})
     for r in suite.results:
         if not r.ok and r.log and Path(r.log).exists():
             print(f"\n===== {r.step}: last lines of {r.log}\n" + Path(r.log).read_text()[-2500:], flush=True)

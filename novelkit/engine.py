@@ -25,6 +25,7 @@ at a time, behind the same API.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -269,10 +270,15 @@ class Engine:
         one short request each greedy, with top-p and with top-k sampling. Nothing to do when uncompiled."""
         if self.compiled is None:
             return
-        print("[engine] compiling the decode step (once; a minute or two on a GPU)", flush=True)
-        for params in (SamplingParams(), SamplingParams(do_sample=True, top_p=0.9),
-                       SamplingParams(do_sample=True, top_k=50, top_p=0.9)):
+        print("[engine] compiling the decode step (once; a minute or two on a GPU, seconds from the compile cache)",
+              flush=True)
+        took = []
+        for name, params in (("greedy", SamplingParams()), ("top-p", SamplingParams(do_sample=True, top_p=0.9)),
+                             ("top-k", SamplingParams(do_sample=True, top_k=50, top_p=0.9))):
+            start = time.perf_counter()
             self.run([Request([1, 2], 2, params, ignore_eos=True)])
+            took.append(f"{name} {time.perf_counter() - start:.1f} s")
+        print(f"[engine] decode step ready: {', '.join(took)}", flush=True)
 
     @property
     def busy(self) -> bool:
@@ -419,6 +425,7 @@ class Engine:
     def _replay(self, batch: int, length: int, mode: str | None, penalty: bool):
         key = (batch, length, mode, penalty)
         if key not in self.graphs:
+            start = time.perf_counter()
             try:
                 self._capture(key)
             except Exception as error:
@@ -427,6 +434,10 @@ class Engine:
                 self._compile_failed(error)
                 self.graphs.clear()  # graphs captured with the compiled step are fine, but keep one kind
                 self._capture(key)
+            took = time.perf_counter() - start
+            if took > 2:  # a compilation, not just a capture: say where a pause came from
+                print(f"[engine] decode graph for batch {batch}, length {length}, {mode or 'greedy'}: {took:.1f} s",
+                      flush=True)
         graph, out = self.graphs[key]
         graph.replay()
         self.last_graph = key

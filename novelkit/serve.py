@@ -191,8 +191,10 @@ def main(argv=None):
     args = parse_args(argv)
     api_key = args.api_key or os.environ.get("NOVELKIT_API_KEY", "")
     model_path = args.model_path or (adapter_base_path(args.lora_model) if args.lora_model else "")
+    start = time.perf_counter()
     model = load_model(model_path, dtype=args.dtype, adapter=args.lora_model or None)
     tokenizer = load_tokenizer(model_path)
+    print(f"[serve] model loaded in {time.perf_counter() - start:.1f} s", flush=True)
     template_name = args.template or default_template_name(tokenizer, model.config)
     name = args.served_model_name or Path(args.lora_model or model_path or "default").name
     worker = GenerationWorker(model, tokenizer, get_template(template_name), default_max_tokens=args.max_tokens,

@@ -227,7 +227,9 @@ class ResultCache:
         if len(complete) < len(data):
             with open(self.path, "r+b") as f:
                 f.truncate(len(complete))
-        for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+        # "\n" only: a model's text may hold U+2028 or \x1c, which json.dumps(ensure_ascii=False) writes as they are
+        # and str.splitlines() would split on
+        for number, line in enumerate(complete.decode("utf-8").split("\n"), 1):
             if not line.strip():
                 continue
             try:

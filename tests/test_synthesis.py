@@ -207,6 +207,14 @@ def test_cache_survives_a_line_cut_by_a_kill(tmp_path):
     assert path.read_text(encoding="utf-8").count("\n") == 2
 
 
+def test_cache_keeps_text_with_unicode_line_separators(tmp_path):
+    path = tmp_path / "c.jsonl"
+    cache = ResultCache(path)
+    cache.add({"key": "a", "prompt": "甲\u2028乙\x1c丙\x85丁"})  # written raw: ensure_ascii=False
+    cache.close()
+    assert ResultCache(path).results["a"]["prompt"] == "甲\u2028乙\x1c丙\x85丁"
+
+
 def test_every_passage_ends_with_a_result_or_a_reported_failure(uninterrupted, passages, ordinals):
     out, result, stub = uninterrupted
     log = result.stdout + result.stderr
