@@ -8,8 +8,8 @@ generation against `generate`, and the LoRA adapter saved and reloaded to identi
 Prints one "[steps] name: ok / FAILED ..." line per step and "[steps] all passed" at the end when every one did.
 Baichuan-7B takes the Baichuan 1 tokenizer, the others Baichuan 2's; Qwen2 and Llama 3, whose tokenizers are not in
 ../shared, take Baichuan 2's with their vocabulary cut to its size (random weights would otherwise pick ids it cannot
-decode). Layers are not compiled here (`compile_layers=false`): the folder parts compile them on the Baichuan 2 shape, and
-four shapes x two trainings would spend most of the call compiling.
+decode). Layers are not compiled here (`compile_layers=false`): the folder parts compile them on the Baichuan 2
+shape, and four shapes x two trainings would spend most of the call compiling.
 """
 
 from __future__ import annotations

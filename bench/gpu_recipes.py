@@ -392,9 +392,9 @@ def drop_checkpoints(folder: Path):
         shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-# part: (folder, --max_steps, the step after whose checkpoint the first run is killed, extra flags). Full fine-tuning
-# evaluates and saves at half-way (17 GB checkpoints of a 1.4B model: float32 weights and AdamW state; one kept), so
-# that it and the pretraining after it in its lane fit the machine's 64 GiB disk.
+# part: (folder, --max_steps, the step after whose checkpoint the first run is killed, extra flags). Full
+# fine-tuning evaluates and saves at half-way (EVAL_STEPS=0.5; 17 GB checkpoints of a 1.4B model: float32 weights and
+# AdamW state; one kept), so that it and the pretraining after it in its lane fit the machine's 64 GiB disk.
 FINETUNE = {"lora": ("Baichuan-Finetune-Lora", 20, 8, ""),
             "full": ("Baichuan-Finetune", 10, 5, "--save_total_limit 1"),
             "qlora": ("Baichuan-Finetune-QLora", 20, 8, "")}
@@ -508,11 +508,11 @@ def shapes(suite: Suite):
 
 
 STEPS = {"lora": lambda s: finetune(s, "lora"), "full": lambda s: finetune(s, "full"),
-         "qlora": lambda s: finetune(s, "qlora"), "pretrain": pretrain, "scratch": scratch, "embedding": embedding, "analysis": analysis,
-         "serve": serve, "demo": lambda s: demo_client(s, s.model, "warm"), "qwen": qwen, "shapes": shapes}
+         "qlora": lambda s: finetune(s, "qlora"), "pretrain": pretrain, "scratch": scratch, "embedding": embedding,
+         "analysis": analysis, "serve": serve, "demo": lambda s: demo_client(s, s.model, "warm"), "qwen": qwen, "shapes": shapes}
 
 
-# --- the serving group ---------------------------------------------------------------------------------------------
+# --- the server and the demo -------------------------------------------------------------------------------------
 
 
 @contextmanager
