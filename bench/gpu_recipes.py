@@ -85,6 +85,12 @@ class Suite:
     @property
     def csl(self) -> Path:
         return self.work / "csl"
+
+    @property
+    def tiny_pretraining(self) -> dict:
+        """Pretraining settings for a CPU dry run, whose 2 cores would spend a step's whole time limit on 2,048-token
+        blocks and on evaluating a held-out book: 256-token blocks, 1% of them held out instead."""
+        return {"MAX_LENGTH": "256", "EVAL_BOOKS": "", "EVAL_FRACTION": "0.01"} if self.tiny else {}
     local: threading.local = field(default_factory=threading.local)
 
     # --- running one command ---------------------------------------------------------------------------------
@@ -440,15 +446,18 @@ PRETRAIN_FLAGS = "--max_steps 20 --eval_steps 10 --save_steps 10 --save_total_li
 def pretrain(suite: Suite):
     novels = suite.assets / "data" / "novels"
     out = suite.work / "pretrain"
-    env = {"CORPUS": str(novels), "EVAL_BOOKS": "xiyouji", "MODEL_PATH": str(suite.model), "OUTPUT_DIR": str(out)}
+    env = {"CORPUS": str(novels), "EVAL_BOOKS": "xiyouji", "MODEL_PATH": str(suite.model), "OUTPUT_DIR": str(out),
+           **suite.tiny_pretraining}
     cmd = f"bash Baichuan-Pretrain/ds_finetune.sh {PRETRAIN_FLAGS}"
     suite.run("Baichuan-Pretrain/ds_finetune.sh continue (killed at step > 10)", cmd, env, first=FIRST_STEP,
               kill_when=has_checkpoint(out, 10), timeout=300)
     suite.run("Baichuan-Pretrain/ds_finetune.sh continue (rerun: resumes)", cmd, env, first=FIRST_STEP, timeout=300,
               check=check_trained(out, 20, "model.safetensors", rouge=False))
     drop_checkpoints(out)
+    # a CPU dry run scores the small bundled book (the script's default), at fewer points
+    book = {"BOOK": str(novels / "xiyouji.txt")} if not suite.tiny else {"POSITIONS": "4", "NEW_TOKENS": "32"}
     suite.run("Baichuan-Pretrain/run_predict.sh (held-out book)", "bash Baichuan-Pretrain/run_predict.sh",
-              {"MODEL_PATH": str(out), "BOOK": str(novels / "xiyouji.txt"), "OUTPUT_DIR": str(out / "eval")},
+              {"MODEL_PATH": str(out), "OUTPUT_DIR": str(out / "eval"), **book},
               check=lambda log: "" if list((out / "eval").glob("*.json")) else "no evaluation written")
 
 
@@ -457,7 +466,8 @@ def scratch(suite: Suite):
     suite.run("Baichuan-Pretrain/ds_finetune.sh from scratch (babyllama)",
               f"bash Baichuan-Pretrain/ds_finetune.sh {PRETRAIN_FLAGS}",
               {"CORPUS": str(suite.assets / "data" / "novels"), "EVAL_BOOKS": "xiyouji",
-               "MODEL_CONFIG": "Baichuan-Pretrain/configs/babyllama.json", "OUTPUT_DIR": str(scratch)},
+               "MODEL_CONFIG": "Baichuan-Pretrain/configs/babyllama.json", "OUTPUT_DIR": str(scratch),
+               **suite.tiny_pretraining},
               first=FIRST_STEP, timeout=300,
               check=lambda log: "" if (scratch / "model.safetensors").exists() else "no model saved")
 
