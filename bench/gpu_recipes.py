@@ -26,6 +26,7 @@ after another, for timings without neighbours):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -77,6 +78,7 @@ class Suite:
     started: float = field(default_factory=time.time)
     lock: threading.Lock = field(default_factory=threading.Lock)
     running_lanes: int = 0
+    local: threading.local = field(default_factory=threading.local)  # the part a lane's thread runs
 
     @property
     def model(self) -> Path:
@@ -91,7 +93,6 @@ class Suite:
         """Pretraining settings for a CPU dry run, whose 2 cores would spend a step's whole time limit on 2,048-token
         blocks and on evaluating a held-out book: 256-token blocks, 1% of them held out instead."""
         return {"MAX_LENGTH": "256", "EVAL_BOOKS": "", "EVAL_FRACTION": "0.01"} if self.tiny else {}
-    local: threading.local = field(default_factory=threading.local)
 
     # --- running one command ---------------------------------------------------------------------------------
     def run(self, step: str, cmd: list[str] | str, env: dict | None = None, *, first: str | None = None,
@@ -278,11 +279,12 @@ class GpuMemory:
 
     def _loop(self):
         while self.running:
-            used = self._used()
-            if used is not None:
-                self.peak = max(self.peak, used)
-            if self.pgid is not None:
-                self.own_peak = max(self.own_peak, self._own())
+            own = self._own() if self.pgid is not None else 0.0
+            self.own_peak = max(self.own_peak, own)
+            if not self.own_peak:  # the fallback, only while nvidia-smi has not named the step's processes
+                used = self._used()
+                if used is not None:
+                    self.peak = max(self.peak, used)
             time.sleep(0.25)
 
     def stop(self):
@@ -306,6 +308,7 @@ def last_error(log: str) -> str:
     return (errors[-1] if errors else lines[-1] if lines else "no output")[:300]
 
 
+@functools.cache
 def machine() -> dict:
     import torch
 
@@ -398,23 +401,21 @@ def drop_checkpoints(folder: Path):
         shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-# part: (folder, --max_steps, the step after whose checkpoint the first run is killed, extra flags). Full
-# fine-tuning evaluates and saves at half-way (EVAL_STEPS=0.5; 17 GB checkpoints of a 1.4B model: float32 weights and
-# AdamW state; one kept), so that it and the pretraining after it in its lane fit the machine's 64 GiB disk.
-FINETUNE = {"lora": ("Baichuan-Finetune-Lora", 20, 8, ""),
-            "full": ("Baichuan-Finetune", 10, 5, "--save_total_limit 1"),
-            "qlora": ("Baichuan-Finetune-QLora", 20, 8, "")}
+# part: (folder, --max_steps, the step after whose checkpoint the first run is killed, script settings, extra
+# flags). Full fine-tuning evaluates and saves at half-way (EVAL_STEPS=0.5; 17 GB checkpoints of a 1.4B model: float32
+# weights and AdamW state; one kept), so that it and the pretraining after it in its lane fit the 64 GiB disk.
+FINETUNE = {"lora": ("Baichuan-Finetune-Lora", 20, 8, {}, ""),
+            "full": ("Baichuan-Finetune", 10, 5, {"EVAL_STEPS": "0.5"}, "--save_total_limit 1"),
+            "qlora": ("Baichuan-Finetune-QLora", 20, 8, {}, "")}
 
 
 def finetune(suite: Suite, tag: str):
-    folder, steps, kill_at, extra = FINETUNE[tag]
+    folder, steps, kill_at, settings, extra = FINETUNE[tag]
     weights = "model.safetensors" if tag == "full" else "adapter_model.safetensors"
     work, csl = suite.work, suite.csl
     out = work / tag
     env = {"MODEL_PATH": str(suite.model), "DATA": str(csl / "train.json"), "DEV": str(csl / "dev.json"),
-           "EPOCHS": "1", "OUTPUT_DIR": str(out)}
-    if tag == "full":
-        env["EVAL_STEPS"] = "0.5"  # the script's own setting (evaluation and saves)
+           "EPOCHS": "1", "OUTPUT_DIR": str(out), **settings}
     cmd = f"bash {folder}/ds_finetune.sh --max_steps {steps} {extra}".strip()
     suite.run(f"{folder}/ds_finetune.sh (killed at step > {kill_at})", cmd, env, first=FIRST_STEP,
               kill_when=has_checkpoint(out, kill_at), timeout=300)

@@ -435,7 +435,7 @@ class Engine:
                 self.graphs.clear()  # graphs captured with the compiled step are fine, but keep one kind
                 self._capture(key)
             took = time.perf_counter() - start
-            if took > 2:  # a compilation, not just a capture: say where a pause came from
+            if took > 2:  # more than a capture (a compilation, or the kernels' first use): say where a pause came from
                 print(f"[engine] decode graph for batch {batch}, length {length}, {mode or 'greedy'}: {took:.1f} s",
                       flush=True)
         graph, out = self.graphs[key]
