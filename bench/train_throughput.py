@@ -1,18 +1,25 @@
-"""Training throughput on one GPU: the naive HF + PEFT loop against our recipes' training step, side by side.
+"""Training throughput on one GPU: the naive HF + PEFT loop, the best peer (Liger-Kernel) and our recipes' training
+step, side by side, each run in its own process (clean memory, fresh compile caches).
 
     python bench/train_throughput.py                       # the default set (docs/performance.md)
-    python bench/train_throughput.py lora-7b:naive:2048 lora-7b:ours:2048:mb1   # chosen runs
+    python bench/train_throughput.py lora-7b:liger:2048:mb1 lora-7b:ours:2048:mb1   # chosen runs
     python bench/train_throughput.py --steps 20 --out results.jsonl
 
-A run is WORKLOAD:LOOP:SEQ[:PLAN]; each runs in its own process (clean memory, fresh compile caches):
-- WORKLOAD: lora-7b (LoRA r=8, all linear layers, Baichuan2-7B shape), qlora-7b (the same over NF4 weights),
-  full-1.5b (all weights, Qwen2-1.5B shape); weights random (bench/shapes.py), tokens random, bf16.
+A run is WORKLOAD:LOOP:SEQ[:PLAN]:
+- WORKLOAD (bench/shapes.py, weights random, tokens random, bf16 weights, bf16 autocast as the Trainer's --bf16):
+  lora-7b (LoRA r=8 on all linear layers of a Llama model with Baichuan2-7B's sizes: Liger patches Llama, not our
+  Baichuan class), lora-8b (the same on Llama 3 8B), qlora-7b (lora-7b over NF4 weights), full-1.5b (all weights,
+  Qwen2-1.5B).
 - LOOP: naive = model(**batch).loss, backward, AdamW step, with HF gradient checkpointing on every layer (what the
-  HF docs and the seeds do); ours = novelkit.fast_training (chunked loss, compiled decoder layers, checkpointing of
-  only the layers PLAN says) with the global batch split into micro-batches, and fused AdamW (the Trainer's default).
+  HF docs and the seeds do); liger = Liger-Kernel 0.8.5 on the model (RoPE, RMSNorm, SwiGLU, fused linear
+  cross-entropy: what LLaMA-Factory, TRL and Axolotl switch on for speed), no checkpointing, fused AdamW (the
+  Trainer's default); ours = novelkit.fast_training (the loss from the hidden states through Liger's fused kernel,
+  compiled decoder layers, checkpointing of only the layers PLAN says), fused AdamW. liger and ours split the global
+  batch into micro-batches as PLAN says.
 - SEQ: tokens per row; the global batch is 4 rows (1 for qlora-7b).
-- PLAN (ours): comma-separated mbN (rows per micro-batch, default all), gcN (checkpoint the first N layers; default
-  none), nocompile.
+- PLAN: comma-separated mbN (rows per micro-batch, default all), gcN (checkpoint the first N layers; default none),
+  compile / nocompile (torch.compile of each decoder layer; default on for ours only), ce=torch (ours: our PyTorch
+  chunked loss instead of Liger's kernel), cmc=N (the Liger loss's chunk size factor, novelkit.chunked_loss).
 - mix: WORKLOAD:naive-mix / ours-mix: real CSL title-generation lengths (bench/csl_lengths.json): naive pads each
   batch of 4 samples to its longest; ours packs samples into rows of SEQ tokens. Effective (non-padding) tokens/s.
 
@@ -53,29 +60,47 @@ def sync():
 
 def peak_gib():
     return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
-SHAPES = {"lora-7b": "baichuan2-7b", "qlora-7b": "baichuan2-7b", "full-1.5b": "qwen2-1.5b"}
+# Baichuan2-7B's sizes (Baichuan-Analysis/configs/baichuan2-7b.json) on a Llama model
+BAICHUAN2_7B_ON_LLAMA = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+                         "num_key_value_heads": 32, "vocab_size": 125696, "max_position_embeddings": 4096,
+                         "rope_theta": 10000.0, "rms_norm_eps": 1e-6}
+WORKLOADS = {  # name: (shape in bench/shapes.py, config overrides)
+    "lora-7b": ("llama3-8b", BAICHUAN2_7B_ON_LLAMA), "lora-8b": ("llama3-8b", {}),
+    "qlora-7b": ("llama3-8b", BAICHUAN2_7B_ON_LLAMA), "full-1.5b": ("qwen2-1.5b", {}),
+}
 DEFAULT_RUNS = [
-    "lora-7b:naive:2048", "lora-7b:ours:2048:mb1,gc4",
-    "lora-7b:naive:4096", "lora-7b:ours:4096:mb1,gc16",
-    "full-1.5b:naive:2048", "full-1.5b:ours:2048:mb2",
-    "full-1.5b:naive:4096", "full-1.5b:ours:4096:mb1",
-    "qlora-7b:naive:2048", "qlora-7b:ours:2048:gc32",
-    "lora-7b:naive-mix:2048", "lora-7b:ours-mix:2048:mb1,gc4",
+    "full-1.5b:naive:2048", "full-1.5b:liger:2048:mb4", "full-1.5b:liger:2048:mb4,compile",
+    "full-1.5b:ours:2048:mb4", "full-1.5b:ours:2048:mb4,ce=torch",
+    "lora-7b:naive:2048", "lora-7b:liger:2048:mb1", "lora-7b:ours:2048:mb1",
+    "lora-7b:liger:4096:mb1", "lora-7b:ours:4096:mb1",
+    "qlora-7b:liger:2048", "qlora-7b:ours:2048:gc32",
 ]
 
 
-def parse_plan(text: str) -> dict:
-    plan = {"mb": 0, "gc": 0, "compile": True}
+def parse_plan(text: str, loop: str) -> dict:
+    plan = {"mb": 0, "gc": 0, "compile": loop.startswith("ours"), "ce": "", "cmc": 0}
     for item in filter(None, text.split(",")):
-        if item == "nocompile":
-            plan["compile"] = False
+        if item in ("compile", "nocompile"):
+            plan["compile"] = item == "compile"
         elif item.startswith("mb"):
             plan["mb"] = int(item[2:])
         elif item.startswith("gc"):
             plan["gc"] = int(item[2:])
+        elif item.startswith("ce="):
+            plan["ce"] = item[3:]
+        elif item.startswith("cmc="):
+            plan["cmc"] = int(item[4:])
         else:
             raise SystemExit(f"unknown plan item {item!r}")
     return plan
+
+
+def apply_liger(model) -> None:
+    """Liger-Kernel's kernels on this model instance, as its integrations in other tools switch them on."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen2
+
+    apply = {"llama": apply_liger_kernel_to_llama, "qwen2": apply_liger_kernel_to_qwen2}[model.config.model_type]
+    apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=model)
 
 
 def quantize_nf4(model):
@@ -103,22 +128,29 @@ def build(workload: str, loop: str, plan: dict, overrides: dict):
     from peft import LoraConfig, get_peft_model
     from shapes import build_model
 
+    import novelkit.chunked_loss as chunked_loss
     from novelkit.fast_training import checkpoint_some_layers, compile_layers, use_chunked_loss
 
-    if SHAPES[workload] != "qwen2-1.5b":
-        overrides = {k: v for k, v in overrides.items() if k != "num_key_value_heads"}
-    model = build_model(SHAPES[workload], device=DEVICE, dtype=torch.bfloat16, **overrides)
+    shape, sizes = WORKLOADS[workload]
+    model = build_model(shape, device=DEVICE, dtype=torch.bfloat16, **{**sizes, **overrides})
     params = sum(p.numel() for p in model.parameters())
     naive = loop.startswith("naive")
+    ours = loop.startswith("ours")
+    if loop.startswith("liger"):
+        apply_liger(model)
+    if plan["ce"] == "torch":
+        chunked_loss.liger_linear_cross_entropy = lambda: None
+    if plan["cmc"]:
+        chunked_loss.LIGER_CHUNK = plan["cmc"]
     if workload == "qlora-7b":
         quantize_nf4(model)
-        if naive:  # the usual QLoRA preparation: everything not quantised goes to float32
+        if not ours:  # the usual QLoRA preparation: everything not quantised goes to float32
             from peft import prepare_model_for_kbit_training
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
         else:
             from novelkit.quantization import prepare_4bit_for_training
             prepare_4bit_for_training(model, gradient_checkpointing=plan["gc"] != 0)
-    checkpoint = naive or plan["gc"] != 0
+    checkpoint = naive or plan["gc"] != 0 or (workload == "qlora-7b" and not ours)
     if checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if workload != "full-1.5b":
@@ -129,7 +161,10 @@ def build(workload: str, loop: str, plan: dict, overrides: dict):
     if not naive:
         if plan["gc"]:
             checkpoint_some_layers(model, plan["gc"])
-        on["chunked_loss"] = use_chunked_loss(model)
+        if ours:
+            on["chunked_loss"] = use_chunked_loss(model)
+            on["loss_kernel"] = "liger" if DEVICE == "cuda" and chunked_loss.liger_linear_cross_entropy() \
+                else "torch"
         on["compiled"] = compile_layers(model) if plan["compile"] else False
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -190,7 +225,7 @@ def kernel_table(prof, rows: int = 25) -> str:
 def run_one(spec: str, steps: int, warmup: int, overrides: dict, profile_dir: str = "") -> dict:
     parts = spec.split(":")
     workload, loop, seq = parts[0], parts[1], int(parts[2])
-    plan = parse_plan(parts[3] if len(parts) > 3 else "")
+    plan = parse_plan(parts[3] if len(parts) > 3 else "", loop)
     torch.manual_seed(0)
     model, optimizer, params, on = build(workload, loop, plan, overrides)
     vocab = model.config.vocab_size if hasattr(model, "config") else 32000
@@ -203,7 +238,7 @@ def run_one(spec: str, steps: int, warmup: int, overrides: dict, profile_dir: st
     sync()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    micro = plan["mb"] if loop.startswith("ours") and plan["mb"] else None
+    micro = plan["mb"] if not loop.startswith("naive") and plan["mb"] else None
     losses, times, real_tokens, slots = [], [], 0, 0
     profiler = None
     for step, batch in enumerate(batches[:steps]):
@@ -219,7 +254,8 @@ def run_one(spec: str, steps: int, warmup: int, overrides: dict, profile_dir: st
         total = torch.zeros((), device=DEVICE)
         for part in parts_:
             sub = {k: v[part] for k, v in batch.items()}
-            loss = model(**sub, use_cache=False).loss
+            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):  # as the Trainer's --bf16
+                loss = model(**sub, use_cache=False).loss
             (loss / len(parts_)).backward()
             total += loss.detach() / len(parts_)
         optimizer.step()
@@ -253,22 +289,32 @@ def run_one(spec: str, steps: int, warmup: int, overrides: dict, profile_dir: st
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| run | tokens/s | peak GiB | MFU | step s | first step s | speed-up | max loss diff |",
-             "|---|---|---|---|---|---|---|---|"]
-    naive = {(r["workload"], r["seq"], r["loop"].replace("naive", "")): r for r in results
-             if "error" not in r and r["loop"].startswith("naive")}
+    """One row per run; speed-ups against the naive loop and against the fastest Liger run of the same workload and
+    length (the best peer in the same run), with that run's peak memory beside ours."""
+    lines = ["| run | tokens/s | peak GiB | MFU | step s | first step s | vs naive | vs best Liger (its GiB) | "
+             "max loss diff |", "|---|---|---|---|---|---|---|---|---|"]
+    ok = [r for r in results if "error" not in r]
+    naive = {(r["workload"], r["seq"], r["loop"].replace("naive", "")): r for r in ok if r["loop"].startswith("naive")}
+    liger = {}
+    for r in ok:
+        key = (r["workload"], r["seq"], r["loop"].replace("liger", ""))
+        if r["loop"].startswith("liger") and r["tokens_per_s"] > liger.get(key, {"tokens_per_s": 0})["tokens_per_s"]:
+            liger[key] = r
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['run']} | failed: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['run']} | failed: {r['error'][:80]} | | | | | | | |")
             continue
-        base = naive.get((r["workload"], r["seq"], r["loop"].replace("ours", "")))
+        suffix = r["loop"].replace("naive", "").replace("liger", "").replace("ours", "")
+        base, peer = naive.get((r["workload"], r["seq"], suffix)), liger.get((r["workload"], r["seq"], suffix))
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}×" if base and base is not r else ""
+        vs_peer = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}× ({peer['peak_gib']:.1f})" \
+            if peer and r["loop"].startswith("ours") else ""
         diff = ""
         if base and base is not r and not r["loop"].endswith("-mix"):
             n = min(len(base["losses"]), len(r["losses"]))
             diff = f"{max(abs(a - b) / abs(b) for a, b in zip(r['losses'][:n], base['losses'][:n])):.2%}"
         lines.append(f"| {r['run']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['mfu']:.0%} | "
-                     f"{r['step_s_median']:.3f} | {r['first_step_s']:.1f} | {speed} | {diff} |")
+                     f"{r['step_s_median']:.3f} | {r['first_step_s']:.1f} | {speed} | {vs_peer} | {diff} |")
     return "\n".join(lines)
 
 

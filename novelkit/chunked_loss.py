@@ -5,10 +5,19 @@ With Baichuan 2's 125,696-entry vocabulary, 4 × 2048 tokens make 4 GB of float3
 `logits.float()` → cross_entropy → backward keeps three such buffers alive at the peak. Here each chunk's logits are
 made, turned into the loss and into the gradients of the hidden states (and of the head's weight when it is trained),
 and freed, all in the forward pass; backward only scales the stored gradients. Same matmuls as the plain way, so no
-extra compute, and the numbers match it (tests/test_chunked_loss.py).
+extra compute, and the numbers match it (tests/test_fast_training.py).
+
+On a CUDA GPU with Liger-Kernel installed (`requirements-gpu.txt`), the same loss runs through Liger's fused linear
+cross-entropy instead: one Triton kernel per chunk turns the logits into the loss and their gradient in place, where
+the PyTorch version below makes about ten passes over float32 logits (docs/performance.md measures both). The
+PyTorch version stays for the CPU, for Baichuan 2's max-z loss (Liger's z-loss is a different one), and where Liger
+is missing.
 """
 
 from __future__ import annotations
+
+import functools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +25,27 @@ import torch.nn.functional as F
 from .features import IGNORE_INDEX
 
 CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk (the peak holds about two such buffers)
+# Liger's chunk: about LIGER_CHUNK × tokens × hidden logits at a time (its default 1 makes 128-token chunks at a
+# 152k vocabulary and hidden size 1536, re-reading the float32 head gradient 64 times per step)
+LIGER_CHUNK = 4
+
+
+@functools.cache
+def liger_linear_cross_entropy():
+    """Liger-Kernel's fused linear cross-entropy function, or None when it is not installed or does not import."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except Exception as error:  # not installed, or no Triton / GPU build behind it
+        if not isinstance(error, ModuleNotFoundError):
+            print(f"[train] liger-kernel did not import ({type(error).__name__}: {error}); the PyTorch loss is used",
+                  file=sys.stderr, flush=True)
+        return None
+    return liger_fused_linear_cross_entropy
+
+
+def uses_liger(hidden, z_loss_weight: float = 0.0) -> bool:
+    """Whether linear_cross_entropy takes Liger's kernel for these inputs."""
+    return hidden.is_cuda and not z_loss_weight and liger_linear_cross_entropy() is not None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -51,7 +81,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk] = grad @ weight
             if grad_weight is not None:
-                grad_weight.add_(grad.t() @ h)  # promoted to float32 inside the add: no float32 copy of the product
+                if grad_weight.is_cuda and grad.dtype != torch.float32:  # accumulate in float32 inside the GEMM
+                    torch.addmm(grad_weight, grad.t(), h.to(grad.dtype), out_dtype=torch.float32, out=grad_weight)
+                else:
+                    grad_weight.add_(grad.t() @ h)  # promoted to float32 inside the add: no float32 product copy
             del logits, grad
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
@@ -78,6 +111,11 @@ def linear_cross_entropy(hidden, weight, labels, *, num_items_in_batch=None, z_l
         normalizer = (labels != IGNORE_INDEX).sum().clamp(min=1).float()
     else:
         normalizer = torch.as_tensor(num_items_in_batch, device=hidden.device).float()
+    if uses_liger(hidden, z_loss_weight):
+        total = liger_linear_cross_entropy()(
+            hidden.contiguous(), weight, labels.contiguous(), ignore_index=IGNORE_INDEX, reduction="sum",
+            accum_dtype=torch.float32 if weight.requires_grad else None, chunk_mem_const=LIGER_CHUNK)
+        return total / normalizer
     return _LinearCrossEntropy.apply(hidden, weight, labels, normalizer, float(z_loss_weight or 0.0),
                                      float(max(labels.numel(), 1)))
 

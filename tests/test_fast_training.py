@@ -206,6 +206,34 @@ def test_gpu_packed_varlen_and_compiled_layers_match_plain():
     assert abs(compiled - plain) < 0.01 * plain
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["liger", "torch"])
+@pytest.mark.parametrize("trained_head", [True, False])
+def test_gpu_linear_cross_entropy_kernels_match_float32(monkeypatch, kernel, trained_head):
+    """Both GPU paths (Liger's fused kernel, and ours with the float32-accumulating addmm) against float32 autograd,
+    at a real vocabulary width, with ignored tokens and the Trainer's num_items_in_batch."""
+    if kernel == "liger":
+        if chunked_loss.liger_linear_cross_entropy() is None:
+            pytest.skip("liger-kernel is not installed")
+    else:
+        monkeypatch.setattr(chunked_loss, "liger_linear_cross_entropy", lambda: None)
+    torch.manual_seed(0)
+    hidden = (torch.randn(3000, 256, device="cuda") * 0.5).bfloat16().requires_grad_()
+    weight = (torch.randn(32000, 256, device="cuda") * 0.05).bfloat16().requires_grad_(trained_head)
+    labels = torch.randint(0, 32000, (3000,), device="cuda")
+    labels[::5] = -100
+    assert chunked_loss.uses_liger(hidden) == (kernel == "liger")
+    loss = linear_cross_entropy(hidden, weight, labels, num_items_in_batch=2500)
+    loss.backward()
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_(trained_head)
+    ref = F.cross_entropy(h32 @ w32.t(), labels, reduction="sum") / 2500
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-2 * abs(ref.item())
+    torch.testing.assert_close(hidden.grad.float(), h32.grad, rtol=0.05, atol=2e-6)
+    if trained_head:
+        torch.testing.assert_close(weight.grad.float(), w32.grad, rtol=0.05, atol=2e-6)
+
+
 def test_packed_collator_pads_training_rows_to_the_width_and_eval_rows_to_their_longest():
     collate = PackedCollator(pad_token_id=0, width=16)
     packed = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "position_ids": [0, 1, 0]}])
