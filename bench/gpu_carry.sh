@@ -2,7 +2,7 @@
 # What the GPU recipe suite (bench/gpu_recipes.py) needs on the GPU machine, which has no registry and no ../shared:
 # .whl/ (wheels of the packages its image lacks, at the lock's versions) and .gpu/ (tokenizers and data copied from
 # ../shared), both ignored by git and named in the device call's `carry` (64 MiB in all). Sets (default: all three):
-#   recipes    deepspeed, jieba, bitsandbytes; CSL, two novels, the Baichuan 1 and 2 tokenizers
+#   recipes    deepspeed, jieba, bitsandbytes, liger-kernel; CSL, two novels, the Baichuan 1 and 2 tokenizers
 #   serving    fastapi, uvicorn, openai, gradio (+ their needs)
 #   embedding  faiss-cpu (19 MB)
 # Three wheels are cut down to what runs there, to fit: bitsandbytes keeps its CUDA 13.0 and CPU libraries (the
@@ -18,7 +18,7 @@ cp -r "$shared/assets/tokenizers/baichuan1" "$shared/assets/tokenizers/baichuan2
 cp "$shared/data/csl/clge_val.tsv" .gpu/data/csl/
 cp "$shared/data/novels/xiyouji.txt" "$shared/data/novels/hongloumeng.txt" .gpu/data/novels/
 
-lock() { grep -iE "^${1//[-_]/[-_]}==" constraints.txt | head -1; }
+lock() { grep -ihE "^${1//[-_]/[-_]}==" constraints.txt requirements-gpu.txt | head -1; }
 bin=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
      --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 get() { for p in "$@"; do python3 -m pip download -q --no-deps "${bin[@]}" -d .whl "$(lock "$p")"; done; }
@@ -45,7 +45,7 @@ get pydantic pydantic_core annotated-types typing-inspection  # deepspeed's and 
 for group in "$@"; do case $group in
   recipes)
     build deepspeed hjson
-    get bitsandbytes
+    get bitsandbytes liger-kernel
     prune .whl/bitsandbytes-*.whl '^bitsandbytes/(?!libbitsandbytes_(cuda(?!130)|rocm|xpu))' ;;
   embedding)  # Baichuan-Embedding's index
     get faiss-cpu ;;
