@@ -42,9 +42,14 @@ LLAMA3_8B = {
     "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
     "vocab_size": 128256, "bos_token_id": 128000, "eos_token_id": 128001, "initializer_range": 0.02,
 }
+# Baichuan2-7B's sizes (Baichuan-Analysis/configs/baichuan2-7b.json) on a Llama model: for comparisons with
+# libraries that patch transformers' own classes (Liger-Kernel), which our Baichuan class is not
+LLAMA_BAICHUAN2_7B = {**LLAMA3_8B, "hidden_size": 4096, "intermediate_size": 11008, "num_key_value_heads": 32,
+                      "vocab_size": 125696, "max_position_embeddings": 4096, "rope_theta": 10000.0,
+                      "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 # --tiny: the same kind of model, small enough for a CPU dry run of the GPU suite (the vocabulary stays: tokenizers)
 TINY = {"hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 4}
-SHAPES = ("baichuan-7b", "baichuan2-7b", "baichuan2-13b", "qwen2-1.5b", "llama3-8b")
+SHAPES = ("baichuan-7b", "baichuan2-7b", "baichuan2-13b", "qwen2-1.5b", "llama3-8b", "llama-baichuan2-7b")
 
 
 def model_config(shape: str, **overrides):
@@ -52,10 +57,10 @@ def model_config(shape: str, **overrides):
         from transformers import Qwen2Config
 
         return Qwen2Config(**{**QWEN2_1_5B, **overrides})
-    if shape == "llama3-8b":
+    if shape in ("llama3-8b", "llama-baichuan2-7b"):
         from transformers import LlamaConfig
 
-        return LlamaConfig(**{**LLAMA3_8B, **overrides})
+        return LlamaConfig(**{**(LLAMA3_8B if shape == "llama3-8b" else LLAMA_BAICHUAN2_7B), **overrides})
     if shape == "baichuan-7b":
         from novelkit.baichuan import BaichuanConfig
 
@@ -111,7 +116,7 @@ def main():
         overrides.update(TINY)
     if args.vocab_size:
         overrides["vocab_size"] = args.vocab_size
-    if args.tiny and args.shape in ("qwen2-1.5b", "llama3-8b"):
+    if args.tiny and args.shape in ("qwen2-1.5b", "llama3-8b", "llama-baichuan2-7b"):
         overrides["num_key_value_heads"] = 2
     model = build_model(args.shape, device=args.device, **overrides)
     model.save_pretrained(args.out)

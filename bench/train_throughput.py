@@ -19,7 +19,9 @@ A run is WORKLOAD:LOOP:SEQ[:PLAN]:
 - SEQ: tokens per row; the global batch is 4 rows (1 for qlora-7b).
 - PLAN: comma-separated mbN (rows per micro-batch, default all), gcN (checkpoint the first N layers; default none),
   compile / nocompile (torch.compile of each decoder layer; default on for ours only), ce=torch (ours: our PyTorch
-  chunked loss instead of Liger's kernel), cmc=N (the Liger loss's chunk size factor, novelkit.chunked_loss).
+  chunked loss instead of Liger's kernel), cmc=N (the Liger loss's chunk size factor, novelkit.chunked_loss),
+  acc=w (the Liger loss sums the head's gradient in the weight's dtype, not float32), sdpa=cudnn (cuDNN's attention
+  kernels first).
 - mix: WORKLOAD:naive-mix / ours-mix: real CSL title-generation lengths (bench/csl_lengths.json): naive pads each
   batch of 4 samples to its longest; ours packs samples into rows of SEQ tokens. Effective (non-padding) tokens/s.
 
@@ -60,14 +62,8 @@ def sync():
 
 def peak_gib():
     return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
-# Baichuan2-7B's sizes (Baichuan-Analysis/configs/baichuan2-7b.json) on a Llama model
-BAICHUAN2_7B_ON_LLAMA = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
-                         "num_key_value_heads": 32, "vocab_size": 125696, "max_position_embeddings": 4096,
-                         "rope_theta": 10000.0, "rms_norm_eps": 1e-6}
-WORKLOADS = {  # name: (shape in bench/shapes.py, config overrides)
-    "lora-7b": ("llama3-8b", BAICHUAN2_7B_ON_LLAMA), "lora-8b": ("llama3-8b", {}),
-    "qlora-7b": ("llama3-8b", BAICHUAN2_7B_ON_LLAMA), "full-1.5b": ("qwen2-1.5b", {}),
-}
+WORKLOADS = {"lora-7b": "llama-baichuan2-7b", "lora-8b": "llama3-8b", "qlora-7b": "llama-baichuan2-7b",
+             "full-1.5b": "qwen2-1.5b"}  # workload: shape in bench/shapes.py
 DEFAULT_RUNS = [
     "full-1.5b:naive:2048", "full-1.5b:liger:2048:mb4", "full-1.5b:liger:2048:mb4,compile",
     "full-1.5b:ours:2048:mb4", "full-1.5b:ours:2048:mb4,ce=torch",
@@ -78,7 +74,7 @@ DEFAULT_RUNS = [
 
 
 def parse_plan(text: str, loop: str) -> dict:
-    plan = {"mb": 0, "gc": 0, "compile": loop.startswith("ours"), "ce": "", "cmc": 0}
+    plan = {"mb": 0, "gc": 0, "compile": loop.startswith("ours"), "ce": "", "cmc": 0, "acc": "", "sdpa": ""}
     for item in filter(None, text.split(",")):
         if item in ("compile", "nocompile"):
             plan["compile"] = item == "compile"
@@ -90,6 +86,9 @@ def parse_plan(text: str, loop: str) -> dict:
             plan["ce"] = item[3:]
         elif item.startswith("cmc="):
             plan["cmc"] = int(item[4:])
+        elif item.startswith(("acc=", "sdpa=")):
+            key, value = item.split("=")
+            plan[key] = value
         else:
             raise SystemExit(f"unknown plan item {item!r}")
     return plan
@@ -131,8 +130,7 @@ def build(workload: str, loop: str, plan: dict, overrides: dict):
     import novelkit.chunked_loss as chunked_loss
     from novelkit.fast_training import checkpoint_some_layers, compile_layers, use_chunked_loss
 
-    shape, sizes = WORKLOADS[workload]
-    model = build_model(shape, device=DEVICE, dtype=torch.bfloat16, **{**sizes, **overrides})
+    model = build_model(WORKLOADS[workload], device=DEVICE, dtype=torch.bfloat16, **overrides)
     params = sum(p.numel() for p in model.parameters())
     naive = loop.startswith("naive")
     ours = loop.startswith("ours")
@@ -142,6 +140,12 @@ def build(workload: str, loop: str, plan: dict, overrides: dict):
         chunked_loss.liger_linear_cross_entropy = lambda: None
     if plan["cmc"]:
         chunked_loss.LIGER_CHUNK = plan["cmc"]
+    if plan["acc"] == "w":
+        chunked_loss.LIGER_FLOAT32_SUM = False
+    if plan["sdpa"] == "cudnn":  # cuDNN's attention first (Hopper kernels); the context stays on for the whole run
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.MATH], set_priority=True).__enter__()
     if workload == "qlora-7b":
         quantize_nf4(model)
         if not ours:  # the usual QLoRA preparation: everything not quantised goes to float32

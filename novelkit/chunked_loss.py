@@ -28,6 +28,8 @@ CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk (the peak holds about two 
 # Liger's chunk: about LIGER_CHUNK × tokens × hidden logits at a time (its default 1 makes 128-token chunks at a
 # 152k vocabulary and hidden size 1536, re-reading the float32 head gradient 64 times per step)
 LIGER_CHUNK = 4
+# the head's gradient summed over Liger's chunks in float32 (False: in the weight's dtype, as Liger's own models do)
+LIGER_FLOAT32_SUM = False
 
 
 @functools.cache
@@ -114,7 +116,8 @@ def linear_cross_entropy(hidden, weight, labels, *, num_items_in_batch=None, z_l
     if uses_liger(hidden, z_loss_weight):
         total = liger_linear_cross_entropy()(
             hidden.contiguous(), weight, labels.contiguous(), ignore_index=IGNORE_INDEX, reduction="sum",
-            accum_dtype=torch.float32 if weight.requires_grad else None, chunk_mem_const=LIGER_CHUNK)
+            accum_dtype=torch.float32 if weight.requires_grad and LIGER_FLOAT32_SUM else None,
+            chunk_mem_const=LIGER_CHUNK)
         return total / normalizer
     return _LinearCrossEntropy.apply(hidden, weight, labels, normalizer, float(z_loss_weight or 0.0),
                                      float(max(labels.numel(), 1)))

@@ -228,10 +228,16 @@ def test_gpu_linear_cross_entropy_kernels_match_float32(monkeypatch, kernel, tra
     h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_(trained_head)
     ref = F.cross_entropy(h32 @ w32.t(), labels, reduction="sum") / 2500
     ref.backward()
-    assert abs(loss.item() - ref.item()) < 1e-2 * abs(ref.item())
-    torch.testing.assert_close(hidden.grad.float(), h32.grad, rtol=0.05, atol=2e-6)
+    assert abs(loss.item() - ref.item()) < 5e-3 * abs(ref.item())
+    # bf16 logits and gradients (and Liger's bf16 sum of the head's gradient over its chunks): about 0.2-0.3% of
+    # the gradients' norm, emulated on the CPU; a wrong scale or a lost chunk is off by tens of percent
+    assert relative_error(hidden.grad, h32.grad) < 0.01
     if trained_head:
-        torch.testing.assert_close(weight.grad.float(), w32.grad, rtol=0.05, atol=2e-6)
+        assert relative_error(weight.grad, w32.grad) < 0.01
+
+
+def relative_error(value, reference):
+    return ((value.float() - reference).norm() / reference.norm()).item()
 
 
 def test_packed_collator_pads_training_rows_to_the_width_and_eval_rows_to_their_longest():
