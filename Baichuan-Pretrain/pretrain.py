@@ -112,7 +112,7 @@ def main():
     eval_books = [b.strip() for b in args.eval_books.split(",") if b.strip()]
     rules = CleaningRules(patterns=load_patterns(args.clean_patterns), min_book_chars=args.min_book_chars)
     cache = build_token_cache(args.corpus, tokenizer_dir, args.cache_dir or out_dir.parent / "token_cache", rules,
-                              eval_books, num_proc=args.num_proc or None)
+                              eval_books, num_proc=args.num_proc or None, load_tokenizer=load_tokenizer)
     train, dev = train_eval_blocks(cache, args.max_length, 0.0 if eval_books else args.eval_fraction)
     print(f"[pretrain] {len(train)} training blocks, {len(dev) if dev else 0} eval blocks of {args.max_length} tokens")
     if dev is None:

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from .default_model import cache_home
+from .home import cache_home
 
 
 def use_compile_cache() -> str:

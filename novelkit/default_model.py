@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConfigError
+from .home import cache_home
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS_DIR = ROOT / "data_examples" / "novels"
@@ -28,10 +29,6 @@ CHAT_MARKERS = ["<reserved_102>", "<reserved_103>", "<reserved_106>", "<reserved
 MODEL_SHAPE = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                    max_position_embeddings=2048, model_max_length=2048)
 PRETRAIN = dict(block_size=256, steps=100, batch_size=8, learning_rate=3e-3)
-
-
-def cache_home() -> Path:
-    return Path(os.environ.get("NOVELKIT_HOME", Path.home() / ".cache" / "novelkit"))
 
 
 def _corpus_files() -> list[Path]:
@@ -88,23 +85,30 @@ def _corpus_lines():
                 yield line.strip()
 
 
+def load_own_tokenizer(folder) -> "BaichuanTokenizer":
+    """The tokenizer train_tokenizer wrote (novelkit.loading.load_tokenizer would build this model first)."""
+    from .baichuan.tokenization_baichuan import BaichuanTokenizer
+
+    return BaichuanTokenizer.from_pretrained(str(folder))
+
+
 def build_default_model(out_dir: Path) -> None:
     import torch
     from transformers import GenerationConfig, Trainer, TrainingArguments
 
     from .baichuan import BaichuanForCausalLM, tiny_config
-    from .loading import load_tokenizer
     from .pretraining import build_token_cache, train_eval_blocks
 
     train_tokenizer(_corpus_lines(), out_dir)
-    tokenizer = load_tokenizer(out_dir)
+    tokenizer = load_own_tokenizer(out_dir)
     config = tiny_config("baichuan2-7b", vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2,
                          **MODEL_SHAPE)
     torch.manual_seed(0)
     model = BaichuanForCausalLM(config)
 
     # a short pretraining on the bundled corpus, through the same corpus pipeline as Baichuan-Pretrain
-    cache = build_token_cache(CORPUS_DIR, out_dir, out_dir / "token_cache", num_proc=1)
+    cache = build_token_cache(CORPUS_DIR, out_dir, out_dir / "token_cache", num_proc=1,
+                              load_tokenizer=load_own_tokenizer)
     blocks, _ = train_eval_blocks(cache, PRETRAIN["block_size"])
     args = TrainingArguments(
         output_dir=str(out_dir / "trainer"), max_steps=PRETRAIN["steps"], learning_rate=PRETRAIN["learning_rate"],

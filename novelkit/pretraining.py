@@ -162,10 +162,8 @@ def iter_corpus_books(corpus, report: CleaningReport | None = None):
 _worker_tokenizer = None
 
 
-def _init_worker(tokenizer_dir: str):
+def _init_worker(load_tokenizer, tokenizer_dir: str):
     global _worker_tokenizer
-    from .loading import load_tokenizer
-
     _worker_tokenizer = load_tokenizer(tokenizer_dir)
 
 
@@ -217,8 +215,11 @@ class TokenCache:
 
 
 def build_token_cache(corpus, tokenizer_dir, cache_dir, rules: CleaningRules | None = None,
-                      eval_books: list[str] | None = None, num_proc: int | None = None) -> TokenCache:
-    """Clean and tokenise the corpus into `<cache_dir>/<fingerprint>/`, or reuse what is already there."""
+                      eval_books: list[str] | None = None, num_proc: int | None = None, *,
+                      load_tokenizer) -> TokenCache:
+    """Clean and tokenise the corpus into `<cache_dir>/<fingerprint>/`, or reuse what is already there.
+    `load_tokenizer(tokenizer_dir)` loads the tokenizer (novelkit.models.loading.load_tokenizer; a module-level
+    function, as worker processes load it too): the data stage does not import the model stage."""
     rules, eval_books = rules or CleaningRules(), list(eval_books or [])
     folder = Path(cache_dir) / cache_fingerprint(corpus, tokenizer_dir, rules, eval_books)
     if (folder / "meta.json").exists():
@@ -226,8 +227,6 @@ def build_token_cache(corpus, tokenizer_dir, cache_dir, rules: CleaningRules | N
         print(f"[corpus] reusing token cache {folder} ({meta['tokens']['train']:,} train / "
               f"{meta['tokens']['eval']:,} eval tokens)", flush=True)
         return TokenCache(folder, meta)
-
-    from .loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(tokenizer_dir))
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32
@@ -242,7 +241,7 @@ def build_token_cache(corpus, tokenizer_dir, cache_dir, rules: CleaningRules | N
     try:
         documents = ((b.name, cleaner.clean(b)) for b in iter_corpus_books(corpus, cleaner.report))
         documents = ((name, text) for name, text in documents if text is not None)
-        with _pool(num_proc, str(tokenizer_dir)) as pool, tqdm(desc="tokenize", unit="book") as bar:
+        with _pool(num_proc, load_tokenizer, str(tokenizer_dir)) as pool, tqdm(desc="tokenize", unit="book") as bar:
             while window := [d for _, d in zip(range(num_proc * 2), documents)]:
                 # a window at a time: Pool.imap would read the whole corpus ahead into its queue
                 encoded = pool.map(tokenize_document, [text for _, text in window]) if pool else \
@@ -278,13 +277,13 @@ def build_token_cache(corpus, tokenizer_dir, cache_dir, rules: CleaningRules | N
 class _pool:
     """A worker pool for more than one process, else nothing (tokenise in this process)."""
 
-    def __init__(self, num_proc: int, tokenizer_dir: str):
-        self.num_proc, self.tokenizer_dir, self.pool = num_proc, tokenizer_dir, None
+    def __init__(self, num_proc: int, load_tokenizer, tokenizer_dir: str):
+        self.num_proc, self.load_tokenizer, self.tokenizer_dir, self.pool = num_proc, load_tokenizer, tokenizer_dir, None
 
     def __enter__(self):
         if self.num_proc > 1:
             ctx = multiprocessing.get_context("spawn")  # fork after torch threads start can deadlock
-            self.pool = ctx.Pool(self.num_proc, initializer=_init_worker, initargs=(self.tokenizer_dir,))
+            self.pool = ctx.Pool(self.num_proc, initializer=_init_worker, initargs=(self.load_tokenizer, self.tokenizer_dir))
         return self.pool
 
     def __exit__(self, *exc):

@@ -27,7 +27,7 @@ FOLDER = ROOT / "Baichuan-Pretrain"
 @pytest.fixture(scope="module")
 def cache(shared_data, default_model_dir, tmp_path_factory):
     return build_token_cache(shared_data / "novels", default_model_dir, tmp_path_factory.mktemp("cache"),
-                             eval_books=["xiyouji"], num_proc=2)
+                             eval_books=["xiyouji"], num_proc=2, load_tokenizer=load_tokenizer)
 
 
 def test_held_out_book_never_in_training_blocks(cache, shared_data, default_tokenizer):
@@ -58,14 +58,15 @@ def test_stream_is_each_cleaned_book_plus_eos_and_packing_loses_nothing(cache, s
 
 
 def test_cache_is_reused_and_rebuilt_on_change(cache, shared_data, default_model_dir, tmp_path, capsys):
-    again = build_token_cache(shared_data / "novels", default_model_dir, cache.folder.parent, eval_books=["xiyouji"])
+    again = build_token_cache(shared_data / "novels", default_model_dir, cache.folder.parent, eval_books=["xiyouji"],
+                              load_tokenizer=load_tokenizer)
     assert again.folder == cache.folder and "reusing token cache" in capsys.readouterr().out
     corpus = tmp_path / "novels"
     corpus.mkdir()
     (corpus / "a.txt").write_text("第一章 开始\n" + "".join(f"第{i}夜，山门外雨声渐密，少年握紧了剑。\n" for i in range(30)), encoding="utf-8")
-    first = build_token_cache(corpus, default_model_dir, tmp_path / "c")
+    first = build_token_cache(corpus, default_model_dir, tmp_path / "c", load_tokenizer=load_tokenizer)
     (corpus / "b.txt").write_text("第一章 又一本\n" + "".join(f"第{i}夜，灯火在远处闪烁。\n" for i in range(30)), encoding="utf-8")
-    second = build_token_cache(corpus, default_model_dir, tmp_path / "c")
+    second = build_token_cache(corpus, default_model_dir, tmp_path / "c", load_tokenizer=load_tokenizer)
     assert second.folder != first.folder and second.meta["books"]["train"] == ["a", "b"]
 
 
@@ -87,7 +88,7 @@ def test_unreadable_and_headless_books_are_reported(tmp_path, default_model_dir,
     (corpus / "good.txt").write_text("第一章 好\n" + "".join(f"江湖夜雨十年灯，第{i}杯酒。\n" for i in range(40)), encoding="utf-8")
     (corpus / "empty.txt").write_text("", encoding="utf-8")
     (corpus / "plain.txt").write_text("".join(f"没有章节标题的一本书，第{i}行。\n" for i in range(40)), encoding="gb18030")
-    c = build_token_cache(corpus, default_model_dir, tmp_path / "c")
+    c = build_token_cache(corpus, default_model_dir, tmp_path / "c", load_tokenizer=load_tokenizer)
     out = capsys.readouterr().out
     assert "dropped book empty" in out and "1 book(s) have no chapter headings" in out
     assert c.meta["books"]["train"] == ["good", "plain"]
@@ -96,14 +97,14 @@ def test_unreadable_and_headless_books_are_reported(tmp_path, default_model_dir,
 def test_corpus_smaller_than_a_block_and_unknown_eval_book(tmp_path, default_model_dir):
     corpus = tmp_path / "n.txt"
     corpus.write_text("第一章 短\n" + "".join(f"第{i}句话。\n" for i in range(60)), encoding="utf-8")
-    c = build_token_cache(corpus, default_model_dir, tmp_path / "c")
+    c = build_token_cache(corpus, default_model_dir, tmp_path / "c", load_tokenizer=load_tokenizer)
     with pytest.raises(DataError, match="fewer than one block of MAX_LENGTH=4096"):
         train_eval_blocks(c, 4096)
     with pytest.raises(ConfigError, match="EVAL_BOOKS .'nope'. not found"):
-        build_token_cache(corpus, default_model_dir, tmp_path / "c", eval_books=["nope"])
+        build_token_cache(corpus, default_model_dir, tmp_path / "c", eval_books=["nope"], load_tokenizer=load_tokenizer)
     (tmp_path / "ads.txt").write_text("本章完\n手机阅读 www.example.com\n", encoding="utf-8")
     with pytest.raises(DataError, match="no text left after cleaning"):
-        build_token_cache(tmp_path / "ads.txt", default_model_dir, tmp_path / "c")
+        build_token_cache(tmp_path / "ads.txt", default_model_dir, tmp_path / "c", load_tokenizer=load_tokenizer)
 
 
 def test_sliding_window_perplexity_equals_direct_loop(default_model_dir, default_tokenizer):
