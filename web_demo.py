@@ -19,14 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared package n
 # novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
 from novelkit.errors import ConfigError, exit_on_error
-from novelkit.formats import Sample, load_samples
-from novelkit.generation import generation_kwargs
-from novelkit.generation_worker import engine_for, stream_generate
-from novelkit.loading import adapter_base_path, load_model, load_tokenizer, max_positions
-from novelkit.ratings import AXES, SUMMARY_HEADERS, Rating, RatingStore
-from novelkit.readers import read_text
-from novelkit.retrieval import Retriever, recap_for
-from novelkit.templates import default_template_name, encode_prompt, get_template, stop_token_ids
+from novelkit.data.formats import Sample, load_samples
+from novelkit.generation.batch import generation_kwargs
+from novelkit.generation.worker import engine_for, stream_generate
+from novelkit.models.loading import adapter_base_path, load_model, load_tokenizer, max_positions
+from novelkit.evaluation.ratings import AXES, SUMMARY_HEADERS, Rating, RatingStore
+from novelkit.data.readers import read_text
+from novelkit.retrieval.recap import Retriever, recap_for
+from novelkit.data.templates import default_template_name, encode_prompt, get_template, stop_token_ids
 
 import gradio as gr
 

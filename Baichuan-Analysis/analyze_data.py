@@ -1,6 +1,6 @@
 """How big is a dataset or a novel corpus, how long are its samples in tokens, and what does each MAX_LENGTH cut off.
 
-Any supported dataset (JSONL / JSON / TSV in any format of novelkit.formats) or novels (.txt file, folder of .txt,
+Any supported dataset (JSONL / JSON / TSV in any format of novelkit.data.formats) or novels (.txt file, folder of .txt,
 {name, text} JSON lines with --kind novels) → <output_dir>/report.md, report.json and histograms. Streams its input:
 a multi-GB corpus is read once, in bounded memory. Run through run_analysis.sh, or directly:
     python Baichuan-Analysis/analyze_data.py --data data_examples/sft/train.jsonl --output_dir output/analysis/data
@@ -16,17 +16,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared packa
 
 from tqdm import tqdm
 
-from novelkit.bookstream import book_files, file_encoding, stream_chapters
+from novelkit.data.bookstream import book_files, file_encoding, stream_chapters
 from novelkit.errors import DataError, exit_on_error
-from novelkit.formats import detect_format, to_sample
-from novelkit.loading import load_tokenizer, resolve_model_path
-from novelkit.memory import load_config
-from novelkit.plots import histogram
-from novelkit.readers import RecordStream, detect_encoding
-from novelkit.report import human_count, table, write_report
-from novelkit.stats import DEFAULT_MAX_LENGTHS, DuplicateFinder, Fingerprint, LengthStats, text_problems, \
+from novelkit.data.formats import detect_format, to_sample
+from novelkit.models.loading import load_tokenizer, resolve_model_path
+from novelkit.analysis.memory import load_config
+from novelkit.analysis.plots import histogram
+from novelkit.data.readers import RecordStream, detect_encoding
+from novelkit.analysis.report import human_count, table, write_report
+from novelkit.analysis.stats import DEFAULT_MAX_LENGTHS, DuplicateFinder, Fingerprint, LengthStats, text_problems, \
     truncation_table
-from novelkit.templates import default_template_name, encode_sample, get_template
+from novelkit.data.templates import default_template_name, encode_sample, get_template
 
 TOKEN_BATCH = 256
 

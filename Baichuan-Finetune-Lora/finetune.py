@@ -1,6 +1,6 @@
 """LoRA supervised fine-tuning: load a base model, format the data with a chat template, train an adapter, save it.
 
-Flags: ours (novelkit.sft_training DataArguments, LoraArguments) plus every transformers TrainingArguments flag
+Flags: ours (novelkit.training.sft_training DataArguments, LoraArguments) plus every transformers TrainingArguments flag
 (--learning_rate, --num_train_epochs, --per_device_train_batch_size, --deepspeed, --bf16, --eval_steps …). Run
 through ds_finetune.sh, or directly:
     python Baichuan-Finetune-Lora/finetune.py --output_dir output/lora --data data_examples/sft/train.jsonl
@@ -13,10 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared packa
 # novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
 from novelkit.errors import exit_on_error
-from novelkit.loading import load_model, load_tokenizer, resolve_model_path
-from novelkit.sft_training import (LoraArguments, load_sft_data, lora_targets, make_trainer, parse_args, save_trained,
+from novelkit.models.loading import load_model, load_tokenizer, resolve_model_path
+from novelkit.training.sft_training import (LoraArguments, load_sft_data, lora_targets, make_trainer, parse_args, save_trained,
                                    train_resuming)
-from novelkit.templates import default_template_name, get_template
+from novelkit.data.templates import default_template_name, get_template
 
 from peft import LoraConfig, get_peft_model
 

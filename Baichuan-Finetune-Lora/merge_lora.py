@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
 
 from novelkit.errors import exit_on_error
-from novelkit.loading import adapter_base_path, load_model, load_tokenizer
+from novelkit.models.loading import adapter_base_path, load_model, load_tokenizer
 
 
 @exit_on_error

@@ -1,7 +1,7 @@
 """QLoRA supervised fine-tuning: the base model frozen in 4-bit NF4 (bitsandbytes, double quantisation, bf16 compute),
 LoRA adapters trained on top of it, paged AdamW on a GPU. Saves the adapter.
 
-Flags: ours (novelkit.sft_training DataArguments, LoraArguments) plus every transformers TrainingArguments flag
+Flags: ours (novelkit.training.sft_training DataArguments, LoraArguments) plus every transformers TrainingArguments flag
 (--learning_rate, --gradient_checkpointing, --deepspeed, --eval_steps …). Run through ds_finetune.sh, or directly:
     python Baichuan-Finetune-QLora/finetune.py --output_dir output/qlora --data data/csl/train.json
 """
@@ -13,11 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared packa
 # novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
 from novelkit.errors import exit_on_error
-from novelkit.loading import load_tokenizer, resolve_model_path
-from novelkit.quantization import choose_optimizer, load_4bit_model, prepare_4bit_for_training, require_bitsandbytes
-from novelkit.sft_training import (LoraArguments, load_sft_data, lora_targets, make_trainer, parse_args, save_trained,
+from novelkit.models.loading import load_tokenizer, resolve_model_path
+from novelkit.models.quantization import choose_optimizer, load_4bit_model, prepare_4bit_for_training, require_bitsandbytes
+from novelkit.training.sft_training import (LoraArguments, load_sft_data, lora_targets, make_trainer, parse_args, save_trained,
                                    train_resuming)
-from novelkit.templates import default_template_name, get_template
+from novelkit.data.templates import default_template_name, get_template
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -32,7 +32,7 @@ def main():
 
     # 1. load the base with its linear layers quantised to NF4 while loading (lm_head and embeddings are not).
     #    On CPUs with AVX512-BF16 the 4-bit layers are kept in the layout gradients flow through: see
-    #    novelkit/quantization.py for why an evaluation pass would otherwise silently stop the training.
+    #    novelkit/models/quantization.py for why an evaluation pass would otherwise silently stop the training.
     tokenizer = load_tokenizer(model_path)
     model = load_4bit_model(model_path, zero3=is_deepspeed_zero3_enabled())
     template_name = args.template or default_template_name(tokenizer, model.config)

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
 
 from novelkit.errors import exit_on_error
-from novelkit.prediction import interactive, load_for_prediction, prediction_parser, predict_file
+from novelkit.evaluation.prediction import interactive, load_for_prediction, prediction_parser, predict_file
 
 
 @exit_on_error

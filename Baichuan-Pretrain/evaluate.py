@@ -11,15 +11,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
 
 from novelkit.errors import exit_on_error
-from novelkit.formats import Sample
-from novelkit.generation import generate_responses, generation_kwargs
-from novelkit.lm_eval import continuation_points, sliding_window_perplexity
-from novelkit.loading import load_model, load_tokenizer, max_positions, resolve_model_path
+from novelkit.data.formats import Sample
+from novelkit.generation.batch import generate_responses, generation_kwargs
+from novelkit.evaluation.lm_eval import continuation_points, sliding_window_perplexity
+from novelkit.models.loading import load_model, load_tokenizer, max_positions, resolve_model_path
 from novelkit.outputs import write_json_atomic, write_jsonl_atomic
-from novelkit.pretraining import iter_corpus_books
-from novelkit.repetition import corpus_distinct_n, repeated_ngram_rate
-from novelkit.rouge import corpus_rouge
-from novelkit.templates import get_template
+from novelkit.data.pretraining import iter_corpus_books
+from novelkit.evaluation.repetition import corpus_distinct_n, repeated_ngram_rate
+from novelkit.evaluation.rouge import corpus_rouge
+from novelkit.data.templates import get_template
 
 
 def parse_args():
@@ -77,7 +77,7 @@ def main():
     points = continuation_points(len(ids), args.context_tokens, args.new_tokens, args.positions)
     samples = [Sample(prompt=tokenizer.decode(ids[p - args.context_tokens:p]), response="") for p in points]
     if args.retrieval_index:  # only passages of this book that end before the context starts
-        from novelkit.retrieval import Retriever, recap_for
+        from novelkit.retrieval.recap import Retriever, recap_for
 
         retriever = Retriever(args.retrieval_index)
         samples = [Sample(prompt=recap_for(retriever, s.prompt, tokenizer, k=args.retrieval_k,

@@ -15,11 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared packa
 # novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
 from novelkit.errors import ConfigError, exit_on_error
-from novelkit.fast_training import prepare_fast_training
-from novelkit.loading import load_model, load_tokenizer, max_positions, resolve_model_path
-from novelkit.pretraining import (CleaningRules, build_token_cache, iter_corpus_books, load_patterns,
+from novelkit.training.fast_training import prepare_fast_training
+from novelkit.models.loading import load_model, load_tokenizer, max_positions, resolve_model_path
+from novelkit.data.pretraining import (CleaningRules, build_token_cache, iter_corpus_books, load_patterns,
                                   train_eval_blocks)
-from novelkit.zero import join_cpu_processes, prepare_resume
+from novelkit.training.zero import join_cpu_processes, prepare_resume
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
@@ -74,7 +74,7 @@ def tokenizer_for_scratch(args, out_dir: Path) -> str:
         return args.tokenizer_path
     folder = out_dir / "tokenizer"
     if not (folder / "tokenizer.model").exists():
-        from novelkit.default_model import train_tokenizer
+        from novelkit.models.default_model import train_tokenizer
 
         print(f"[pretrain] training a {args.vocab_size}-piece SentencePiece tokenizer on {args.corpus}", flush=True)
         lines = (line.strip() for book in iter_corpus_books(args.corpus) for line in book.text.split("\n"))
@@ -119,7 +119,7 @@ def main():
         targs.eval_strategy = "no"
 
     # 3. train, resuming from the last checkpoint (same data order: the Trainer replays the sampler's seed); on a GPU
-    #    with the fast path: loss without whole logits, compiled decoder layers (novelkit/fast_training.py)
+    #    with the fast path: loss without whole logits, compiled decoder layers (novelkit/training/fast_training.py)
     if targs.gradient_checkpointing:
         model.config.use_cache = False
     if not is_deepspeed_zero3_enabled():

@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from novelkit.chunking import split_chapters  # noqa: E402
-from novelkit.readers import read_books  # noqa: E402
+from novelkit.data.chunking import split_chapters  # noqa: E402
+from novelkit.data.readers import read_books  # noqa: E402
 
 # Runs a script as __main__ and prints its peak RSS (KiB on Linux) on stderr when it exits, errors included.
 PEAK_RSS_RUNNER = (

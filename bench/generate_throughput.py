@@ -1,4 +1,4 @@
-"""Generation throughput: our engine (novelkit/engine.py) against plain transformers `generate`, in one run.
+"""Generation throughput: our engine (novelkit/generation/engine.py) against plain transformers `generate`, in one run.
 
     python bench/generate_throughput.py --shapes qwen2-1.5b --out q.json            # ~4 min on an H200
     python bench/generate_throughput.py --shapes baichuan2-7b --out b.json          # ~6 min, with the submission
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.shapes import build_model, parameter_count  # noqa: E402
-from novelkit.engine import Engine, Request  # noqa: E402
-from novelkit.sampling import SamplingParams  # noqa: E402
+from novelkit.generation.engine import Engine, Request  # noqa: E402
+from novelkit.generation.sampling import SamplingParams  # noqa: E402
 
 SAMPLING = dict(temperature=0.7, top_p=0.9, top_k=0)
 PROMPT = 64

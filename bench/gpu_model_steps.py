@@ -37,7 +37,7 @@ STAND_IN_TOKENIZER = ("qwen2-1.5b", "llama3-8b")
 def train(model, tokenizer, template, data_dir: Path, out: Path, lora: bool, bf16: bool):
     from transformers import TrainingArguments
 
-    from novelkit.sft_training import DataArguments, load_sft_data, make_trainer
+    from novelkit.training.sft_training import DataArguments, load_sft_data, make_trainer
 
     args = DataArguments(data=str(data_dir / "train.json"), dev=str(data_dir / "dev.json"), max_length=256,
                          eval_samples=4, eval_max_new_tokens=32, compile_layers="false")
@@ -68,11 +68,11 @@ def main():
 
     from peft import LoraConfig, get_peft_model
 
-    from novelkit.engine import Engine, Request
-    from novelkit.loading import load_model, load_tokenizer, write_base_fingerprint
-    from novelkit.sft_training import lora_targets
-    from novelkit.templates import default_template_name, encode_prompt, get_template
-    from novelkit.formats import Sample
+    from novelkit.generation.engine import Engine, Request
+    from novelkit.models.loading import load_model, load_tokenizer, write_base_fingerprint
+    from novelkit.training.sft_training import lora_targets
+    from novelkit.data.templates import default_template_name, encode_prompt, get_template
+    from novelkit.data.formats import Sample
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Time novelkit.rouge against rouge_chinese (and rouge_score) on 1,000 pairs of ~800-character texts.
+"""Time novelkit.evaluation.rouge against rouge_chinese (and rouge_score) on 1,000 pairs of ~800-character texts.
 
 References are LCSTS and CSL texts from <shared>/data concatenated to --chars characters; each hypothesis
 keeps most reference sentences in order and swaps the rest for sentences of another text, like a model
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from novelkit.rouge import METRICS, rouge_scores, tokenize  # noqa: E402
+from novelkit.evaluation.rouge import METRICS, rouge_scores, tokenize  # noqa: E402
 
 TOLERANCE = 1e-9
 SCORING_GOAL_S = 3.0

@@ -62,11 +62,11 @@ def model_config(shape: str, **overrides):
 
         return LlamaConfig(**{**(LLAMA3_8B if shape == "llama3-8b" else LLAMA_BAICHUAN2_7B), **overrides})
     if shape == "baichuan-7b":
-        from novelkit.baichuan import BaichuanConfig
+        from novelkit.models.baichuan import BaichuanConfig
 
         return BaichuanConfig(**{**BAICHUAN_7B, **overrides})
     if shape in ("baichuan2-7b", "baichuan2-13b"):
-        from novelkit.baichuan import BaichuanConfig
+        from novelkit.models.baichuan import BaichuanConfig
 
         fields = json.loads((ROOT / "Baichuan-Analysis" / "configs" / f"{shape}.json").read_text())
         return BaichuanConfig(**{**fields, **overrides})
@@ -77,7 +77,7 @@ def build_model(shape: str, device="cuda", dtype=torch.bfloat16, seed: int = 0, 
     """A randomly initialised causal LM of `shape` (initializer_range normal weights), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from novelkit.baichuan import BaichuanForCausalLM, register
+    from novelkit.models.baichuan import BaichuanForCausalLM, register
 
     register()
     config = model_config(shape, **overrides)

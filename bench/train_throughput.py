@@ -13,13 +13,13 @@ A run is WORKLOAD:LOOP:SEQ[:PLAN]:
 - LOOP: naive = model(**batch).loss, backward, AdamW step, with HF gradient checkpointing on every layer (what the
   HF docs and the seeds do); liger = Liger-Kernel 0.8.5 on the model (RoPE, RMSNorm, SwiGLU, fused linear
   cross-entropy: what LLaMA-Factory, TRL and Axolotl switch on for speed), no checkpointing, fused AdamW (the
-  Trainer's default); ours = novelkit.fast_training (the loss from the hidden states through Liger's fused kernel,
+  Trainer's default); ours = novelkit.training.fast_training (the loss from the hidden states through Liger's fused kernel,
   compiled decoder layers, checkpointing of only the layers PLAN says), fused AdamW. liger and ours split the global
   batch into micro-batches as PLAN says.
 - SEQ: tokens per row; the global batch is 4 rows (1 for qlora-7b).
 - PLAN: comma-separated mbN (rows per micro-batch, default all), gcN (checkpoint the first N layers; default none),
   compile / nocompile (torch.compile of each decoder layer; default on for ours only), ce=torch (ours: our PyTorch
-  chunked loss instead of Liger's kernel), cmc=N (the Liger loss's chunk size factor, novelkit.chunked_loss),
+  chunked loss instead of Liger's kernel), cmc=N (the Liger loss's chunk size factor, novelkit.models.chunked_loss),
   acc=w (the Liger loss sums the head's gradient in the weight's dtype, not float32), sdpa=cudnn (cuDNN's attention
   kernels first).
 - mix: WORKLOAD:naive-mix / ours-mix: real CSL title-generation lengths (bench/csl_lengths.json): naive pads each
@@ -127,8 +127,8 @@ def build(workload: str, loop: str, plan: dict, overrides: dict):
     from peft import LoraConfig, get_peft_model
     from shapes import build_model
 
-    import novelkit.chunked_loss as chunked_loss
-    from novelkit.fast_training import checkpoint_some_layers, compile_layers, use_chunked_loss
+    import novelkit.models.chunked_loss as chunked_loss
+    from novelkit.training.fast_training import checkpoint_some_layers, compile_layers, use_chunked_loss
 
     model = build_model(WORKLOADS[workload], device=DEVICE, dtype=torch.bfloat16, **overrides)
     params = sum(p.numel() for p in model.parameters())
@@ -152,7 +152,7 @@ def build(workload: str, loop: str, plan: dict, overrides: dict):
             from peft import prepare_model_for_kbit_training
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
         else:
-            from novelkit.quantization import prepare_4bit_for_training
+            from novelkit.models.quantization import prepare_4bit_for_training
             prepare_4bit_for_training(model, gradient_checkpointing=plan["gc"] != 0)
     checkpoint = naive or plan["gc"] != 0 or (workload == "qlora-7b" and not ours)
     if checkpoint:
@@ -184,10 +184,10 @@ def fixed_batches(steps, rows, seq, vocab):
 
 def mixed_batches(steps, rows, seq, vocab, packed: bool):
     """CSL title→abstract sample lengths (Baichuan 2 tokenizer and template), prompt tokens masked, random tokens.
-    Ours: samples packed into `rows` rows of at most `seq` tokens (novelkit.packing). Naive: the very same samples
+    Ours: samples packed into `rows` rows of at most `seq` tokens (novelkit.data.packing). Naive: the very same samples
     per step, as one batch padded to its longest sample (SFTCollator), so both see the same data per step."""
-    from novelkit.features import SFTCollator
-    from novelkit.packing import PackedCollator, pack_rows
+    from novelkit.data.features import SFTCollator
+    from novelkit.data.packing import PackedCollator, pack_rows
 
     lengths = json.loads((ROOT / "bench" / "csl_lengths.json").read_text())
     g = torch.Generator().manual_seed(0)

@@ -56,7 +56,7 @@ def build(folder: Path, layers: int, tokenizer: str, tiny: bool) -> None:
 def synthetic_data(path: Path, tokenizer_dir: str, max_length: int, count: int) -> None:
     """Alpaca records with a short prompt and a response longer than max_length tokens (the recipe truncates it, so
     every sample is exactly max_length tokens), cut from the bundled novels at different offsets."""
-    from novelkit.loading import load_tokenizer
+    from novelkit.models.loading import load_tokenizer
 
     text = "".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "data_examples" / "novels").glob("*.txt")))
     text = re.sub(r"\s+", "", text)

@@ -46,13 +46,13 @@ def novelkit_home():
 
 @pytest.fixture(scope="session")
 def default_model_dir(novelkit_home):
-    from novelkit.default_model import ensure_default_model
+    from novelkit.models.default_model import ensure_default_model
 
     return ensure_default_model()
 
 
 @pytest.fixture(scope="session")
 def default_tokenizer(default_model_dir):
-    from novelkit.loading import load_tokenizer
+    from novelkit.models.loading import load_tokenizer
 
     return load_tokenizer(str(default_model_dir))

@@ -14,15 +14,15 @@ import pytest
 from PIL import Image
 
 from bench.analysis_scale import run_with_peak_rss, write_corpus
-from novelkit.bookstream import stream_chapters
-from novelkit.chunking import split_chapters
+from novelkit.data.bookstream import stream_chapters
+from novelkit.data.chunking import split_chapters
 from novelkit.errors import DataError
-from novelkit.features import encode_sft
-from novelkit.formats import load_samples
-from novelkit.plots import curves, histogram
-from novelkit.readers import read_text
-from novelkit.stats import DuplicateFinder, Fingerprint, LengthStats
-from novelkit.templates import encode_sample, get_template
+from novelkit.data.features import encode_sft
+from novelkit.data.formats import load_samples
+from novelkit.analysis.plots import curves, histogram
+from novelkit.data.readers import read_text
+from novelkit.analysis.stats import DuplicateFinder, Fingerprint, LengthStats
+from novelkit.data.templates import encode_sample, get_template
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "Baichuan-Analysis" / "analyze_data.py"
@@ -124,7 +124,7 @@ def test_streamed_chapters_keep_a_preface_and_empty_chapters(tmp_path):
 
 
 def test_plots_are_figures_with_the_expected_axes(tmp_path):
-    from novelkit.plots import save_figure
+    from novelkit.analysis.plots import save_figure
 
     fig = histogram({10: 3, 12: 5, 40: 1}, "Tokens per sample: prompt", "tokens", "samples", markers={"max": 32})
     ax = fig.axes[0]

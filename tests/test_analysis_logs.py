@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from novelkit.errors import DataError
-from novelkit.runlogs import read_run
+from novelkit.analysis.runlogs import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "Baichuan-Analysis" / "analyze_logs.py"

@@ -13,9 +13,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from novelkit.baichuan import BaichuanForCausalLM, tiny_config
-from novelkit.loading import load_model
-from novelkit.memory import GIB, NF4_BYTES, empty_model, estimate_memory, load_config, lora_parameters, \
+from novelkit.models.baichuan import BaichuanForCausalLM, tiny_config
+from novelkit.models.loading import load_model
+from novelkit.analysis.memory import GIB, NF4_BYTES, empty_model, estimate_memory, load_config, lora_parameters, \
     lora_target_modules, model_shape, parameters_by_component, parameters_by_type
 
 ROOT = Path(__file__).resolve().parents[1]

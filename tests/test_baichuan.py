@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaForCausalLM
 
-from novelkit.baichuan import (
+from novelkit.models.baichuan import (
     VARIANTS,
     BaichuanConfig,
     BaichuanForCausalLM,
@@ -18,8 +18,8 @@ from novelkit.baichuan import (
     register,
     tiny_config,
 )
-from novelkit.baichuan.convert_to_llama import convert_to_llama, main as convert_main
-from novelkit.baichuan.modeling_baichuan import CACHE_KEY, NormHead
+from novelkit.models.baichuan.convert_to_llama import convert_to_llama, main as convert_main
+from novelkit.models.baichuan.modeling_baichuan import CACHE_KEY, NormHead
 from novelkit.errors import ModelError
 from tiny_baichuan import random_model
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from novelkit.baichuan import VARIANTS, load_baichuan
-from novelkit.baichuan.modeling_baichuan import BaichuanDecoderLayer, NormHead
+from novelkit.models.baichuan import VARIANTS, load_baichuan
+from novelkit.models.baichuan.modeling_baichuan import BaichuanDecoderLayer, NormHead
 from tiny_baichuan import random_model
 
 

@@ -3,8 +3,8 @@ import re
 
 import pytest
 
-from novelkit.chunking import Chapter, Chunk, chunk_book, chunk_text, split_chapters
-from novelkit.readers import read_text
+from novelkit.data.chunking import Chapter, Chunk, chunk_book, chunk_text, split_chapters
+from novelkit.data.readers import read_text
 
 NOVELS = ["hongloumeng", "shuihuzhuan", "xiyouji"]
 SENTENCE_FINAL = set("。！？!?…．”’」』）)\"'")

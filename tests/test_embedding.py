@@ -17,15 +17,15 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from novelkit.chunking import chunk_book
-from novelkit.embedding import Embedder
+from novelkit.data.chunking import chunk_book
+from novelkit.retrieval.embedding import Embedder
 from novelkit.errors import ConfigError, DataError, ModelError
-from novelkit.formats import to_sample
-from novelkit.indexing import add_sources, embed_pending, read_documents
-from novelkit.loading import load_model
-from novelkit.readers import iter_records, read_text
-from novelkit.retrieval import RECAP_HEADER, Retriever, add_recaps, recap_block, recap_for
-from novelkit.vector_store import INDEX_FILE, META_FILE, VectorStore
+from novelkit.data.formats import to_sample
+from novelkit.retrieval.indexing import add_sources, embed_pending, read_documents
+from novelkit.models.loading import load_model
+from novelkit.data.readers import iter_records, read_text
+from novelkit.retrieval.recap import RECAP_HEADER, Retriever, add_recaps, recap_block, recap_for
+from novelkit.retrieval.vector_store import INDEX_FILE, META_FILE, VectorStore
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "Baichuan-Embedding"

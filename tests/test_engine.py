@@ -1,4 +1,4 @@
-"""The generation engine (novelkit/engine.py) on tiny random models in fp32 on CPU: greedy tokens equal to
+"""The generation engine (novelkit/generation/engine.py) on tiny random models in fp32 on CPU: greedy tokens equal to
 transformers' `generate` for Llama, Qwen2 (GQA, qkv bias, tied embeddings) and every Baichuan position/head variant,
 mixed-length batches, requests joining mid-way, stops, streaming, and sampling filters equal to HF's processors."""
 
@@ -8,9 +8,9 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
                           RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                           TopPLogitsWarper)
 
-from novelkit.engine import Detokenizer, Engine, Request
-from novelkit import sampling
-from novelkit.sampling import Sampler, SamplingParams, penalize_repetition, warp
+from novelkit.generation.engine import Detokenizer, Engine, Request
+from novelkit.generation import sampling
+from novelkit.generation.sampling import Sampler, SamplingParams, penalize_repetition, warp
 from tests.tiny_baichuan import random_model
 
 VOCAB = 1000
@@ -330,7 +330,7 @@ def test_the_compiled_decode_step_gives_the_same_tokens():
 
 
 def test_kv_cache_is_fitted_to_free_gpu_memory(monkeypatch):
-    from novelkit.engine import fit_cache_in_memory
+    from novelkit.generation.engine import fit_cache_in_memory
     from novelkit.errors import ConfigError
 
     model = random_model("baichuan2-7b")  # 2 layers, 4 heads x 16 dims, fp32: 2 x 2 x 64 x 4 bytes per token
@@ -369,7 +369,7 @@ def test_on_cuda_graph_replays_draw_fresh_noise_with_the_filters_distribution():
 
 
 def test_length_buckets_are_few_and_waste_at_most_an_eighth_or_64():
-    from novelkit.engine import length_bucket
+    from novelkit.generation.engine import length_bucket
 
     buckets = {n: length_bucket(n, 4096) for n in range(1, 4097)}
     assert len(set(buckets.values())) == 32

@@ -27,7 +27,7 @@ def run(args, tmp_path, fake=None):
 
 
 def test_an_old_transformers_is_refused_in_one_line(tmp_path):
-    result = run(["-c", "import novelkit.readers"], tmp_path, fake=("transformers", "4.57.1"))
+    result = run(["-c", "import novelkit.data.readers"], tmp_path, fake=("transformers", "4.57.1"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     required = versions.read_requirements(*versions.REQUIREMENTS)["transformers"]
@@ -36,7 +36,7 @@ def test_an_old_transformers_is_refused_in_one_line(tmp_path):
 
 
 def test_a_newer_peft_than_the_range_only_warns(tmp_path):
-    result = run(["-c", "import novelkit.readers; print('ran')"], tmp_path, fake=("peft", "9.0.0"))
+    result = run(["-c", "import novelkit.data.readers; print('ran')"], tmp_path, fake=("peft", "9.0.0"))
     assert result.returncode == 0 and result.stdout.strip() == "ran"
     assert result.stderr.startswith("warning: peft 9.0.0 is newer than novelkit supports")
 

@@ -1,14 +1,14 @@
-"""The training fast path (novelkit.fast_training, chunked_loss, packing): same numbers as the plain way."""
+"""The training fast path (novelkit.training.fast_training, chunked_loss, packing): same numbers as the plain way."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from tiny_baichuan import random_model
 
-import novelkit.chunked_loss as chunked_loss
-from novelkit.chunked_loss import linear_cross_entropy
-from novelkit.fast_training import checkpoint_some_layers, decoder_layers, use_chunked_loss
-from novelkit.packing import PackedCollator, pack_rows
+import novelkit.models.chunked_loss as chunked_loss
+from novelkit.models.chunked_loss import linear_cross_entropy
+from novelkit.training.fast_training import checkpoint_some_layers, decoder_layers, use_chunked_loss
+from novelkit.data.packing import PackedCollator, pack_rows
 
 
 @pytest.fixture
@@ -188,7 +188,7 @@ def test_twenty_steps_within_one_percent_of_the_naive_loop():
 
 @pytest.mark.gpu
 def test_gpu_packed_varlen_and_compiled_layers_match_plain():
-    from novelkit.fast_training import compile_layers
+    from novelkit.training.fast_training import compile_layers
 
     model = random_model("baichuan2-7b", num_hidden_layers=2).to("cuda", torch.bfloat16)
     a, b = torch.randint(3, 900, (70,)), torch.randint(3, 900, (50,))

@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from novelkit.features import IGNORE_INDEX, SFTCollator, encode_sft, encode_sft_dataset, left_pad, pack_documents
-from novelkit.formats import Sample
-from novelkit.templates import get_template
+from novelkit.data.features import IGNORE_INDEX, SFTCollator, encode_sft, encode_sft_dataset, left_pad, pack_documents
+from novelkit.data.formats import Sample
+from novelkit.data.templates import get_template
 
 
 @pytest.fixture(scope="module")
 def tok(shared_assets):
-    from novelkit.baichuan.tokenization_baichuan import BaichuanTokenizer
+    from novelkit.models.baichuan.tokenization_baichuan import BaichuanTokenizer
 
     return BaichuanTokenizer.from_pretrained(shared_assets / "tokenizers" / "baichuan2")
 

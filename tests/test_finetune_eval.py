@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from novelkit.features import SFTCollator
-from novelkit.formats import load_samples
-from novelkit.features import encode_sft_dataset
-from novelkit.sft_training import DataArguments, SFTData, make_trainer
-from novelkit.templates import get_template
+from novelkit.data.features import SFTCollator
+from novelkit.data.formats import load_samples
+from novelkit.data.features import encode_sft_dataset
+from novelkit.training.sft_training import DataArguments, SFTData, make_trainer
+from novelkit.data.templates import get_template
 
 VOCAB = 64_000
 LENGTH = 48  # every sample is cut to this many tokens, so every batch has the same shape
@@ -71,9 +71,9 @@ def test_evaluation_during_training_leaves_the_model_trainable(default_model_dir
     not told otherwise freezes its weights, as a compiled one does on a GPU."""
     from peft import LoraConfig, get_peft_model
 
-    from novelkit import engine
-    from novelkit.loading import load_model, load_tokenizer
-    from novelkit.sft_training import load_sft_data
+    from novelkit.generation import engine
+    from novelkit.models.loading import load_model, load_tokenizer
+    from novelkit.training.sft_training import load_sft_data
 
     original = engine.Engine.__init__
 

@@ -15,11 +15,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from entry_scripts import run_script
-from novelkit.features import SFTCollator
-from novelkit.formats import load_samples
-from novelkit.loading import load_model, load_tokenizer
-from novelkit.features import encode_sft_dataset
-from novelkit.templates import default_template_name, get_template
+from novelkit.data.features import SFTCollator
+from novelkit.data.formats import load_samples
+from novelkit.models.loading import load_model, load_tokenizer
+from novelkit.data.features import encode_sft_dataset
+from novelkit.data.templates import default_template_name, get_template
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "Baichuan-Finetune"

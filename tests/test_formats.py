@@ -3,8 +3,8 @@ import json
 import pytest
 
 from novelkit.errors import DataError
-from novelkit.formats import FORMATS, Sample, detect_format, load_samples, to_sample
-from novelkit.readers import Record, iter_records
+from novelkit.data.formats import FORMATS, Sample, detect_format, load_samples, to_sample
+from novelkit.data.readers import Record, iter_records
 
 PATH = "data/train.jsonl"
 

@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from novelkit.errors import ConfigError, ModelError
-from novelkit.loading import load_model, load_tokenizer, resolve_model_path, write_base_fingerprint
+from novelkit.models.loading import load_model, load_tokenizer, resolve_model_path, write_base_fingerprint
 
 
 def test_missing_folder(tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from novelkit.ner_metrics import entity_scores, is_ner_answer, parse_entities
+from novelkit.evaluation.ner_metrics import entity_scores, is_ner_answer, parse_entities
 
 
 def test_parse_entities():

@@ -1,4 +1,4 @@
-"""Prediction (novelkit.prediction and the predict.py entries) on the embedded default model and real CSL / MSRA data:
+"""Prediction (novelkit.evaluation.prediction and the predict.py entries) on the embedded default model and real CSL / MSRA data:
 a run killed with -9 resumes to the same file as an uninterrupted one, submission mode, interactive streaming."""
 
 import io
@@ -16,12 +16,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from entry_scripts import run_script
 from novelkit.errors import ConfigError, DataError
-from novelkit.formats import Sample
-from novelkit.generation import generate_responses
-from novelkit.loading import write_base_fingerprint
-from novelkit.prediction import (PredictionLog, generation_settings, load_for_prediction, prediction_parser,
+from novelkit.data.formats import Sample
+from novelkit.generation.batch import generate_responses
+from novelkit.models.loading import write_base_fingerprint
+from novelkit.evaluation.prediction import (PredictionLog, generation_settings, load_for_prediction, prediction_parser,
                                  predict_file, read_data, score_responses)
-from novelkit.readers import iter_records
+from novelkit.data.readers import iter_records
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_PREDICT = ROOT / "Baichuan-Finetune" / "predict.py"

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from novelkit.errors import ConfigError, DataError
-from novelkit.lm_eval import continuation_points, sliding_window_perplexity
-from novelkit.loading import load_model, load_tokenizer
-from novelkit.pretraining import (CleaningRules, CorpusCleaner, PackedBlocks, build_token_cache, tokenize_document,
+from novelkit.evaluation.lm_eval import continuation_points, sliding_window_perplexity
+from novelkit.models.loading import load_model, load_tokenizer
+from novelkit.data.pretraining import (CleaningRules, CorpusCleaner, PackedBlocks, build_token_cache, tokenize_document,
                                   train_eval_blocks)
-from novelkit.readers import Book, read_text
+from novelkit.data.readers import Book, read_text
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "Baichuan-Pretrain"

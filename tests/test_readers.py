@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from novelkit import readers
+from novelkit.data import readers
 from novelkit.errors import DataError
-from novelkit.bookstream import stream_chapters
-from novelkit.readers import Book, Record, detect_encoding, iter_records, read_books, read_text
+from novelkit.data.bookstream import stream_chapters
+from novelkit.data.readers import Book, Record, detect_encoding, iter_records, read_books, read_text
 
 
 def reencode(src, dst, encoding, newline="\n"):

@@ -1,8 +1,8 @@
-"""novelkit.repetition: distinct-n and repeated-n-gram rate against hand-computed values."""
+"""novelkit.evaluation.repetition: distinct-n and repeated-n-gram rate against hand-computed values."""
 
 import pytest
 
-from novelkit.repetition import corpus_distinct_n, distinct_n, ngrams, repeated_ngram_rate
+from novelkit.evaluation.repetition import corpus_distinct_n, distinct_n, ngrams, repeated_ngram_rate
 
 
 def test_ngrams_of_characters_skip_whitespace():

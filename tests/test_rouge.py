@@ -1,4 +1,4 @@
-"""novelkit.rouge: parity with rouge_chinese and rouge_score on real data, hand-computed cases, edge cases."""
+"""novelkit.evaluation.rouge: parity with rouge_chinese and rouge_score on real data, hand-computed cases, edge cases."""
 
 import random
 import re
@@ -8,7 +8,7 @@ import pytest
 from rouge_chinese import Rouge
 from rouge_score import rouge_scorer, tokenizers
 
-from novelkit.rouge import METRICS, corpus_rouge, lcs_length, rouge_scores, rouge_table, tokenize
+from novelkit.evaluation.rouge import METRICS, corpus_rouge, lcs_length, rouge_scores, rouge_table, tokenize
 
 TOLERANCE = 1e-9
 ZERO = {metric: {"p": 0.0, "r": 0.0, "f": 0.0} for metric in METRICS}

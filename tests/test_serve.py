@@ -16,10 +16,10 @@ import openai
 import pytest
 import torch
 
-from novelkit.formats import Sample
-from novelkit.generation import generate_responses
-from novelkit.loading import load_model, load_tokenizer, write_base_fingerprint
-from novelkit.templates import default_template_name, encode_prompt, get_template
+from novelkit.data.formats import Sample
+from novelkit.generation.batch import generate_responses
+from novelkit.models.loading import load_model, load_tokenizer, write_base_fingerprint
+from novelkit.data.templates import default_template_name, encode_prompt, get_template
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-7f3a"
@@ -138,7 +138,7 @@ def test_completion_is_raw_text_and_streams_the_same_text(client, reference):
 def test_a_completion_never_ends_in_half_a_character(client, reference, adapter, default_model_dir):
     """max_tokens that ends inside a multi-byte character (its byte-fallback pieces decode to U+FFFD): the response
     ends before that character, streamed or not, and usage still counts every generated token."""
-    from novelkit.engine import Engine, Request
+    from novelkit.generation.engine import Engine, Request
 
     tokenizer, plain = reference.tokenizer, get_template("plain")
     lora = load_model(str(default_model_dir), adapter=str(adapter))

@@ -19,15 +19,15 @@ import pytest
 import torch
 import uvicorn
 
-from novelkit.formats import Sample
-from novelkit.generation import generate_responses
-from novelkit.generation_worker import GenerationWorker
-from novelkit.loading import load_model, load_tokenizer
-from novelkit.readers import read_books, read_text
-from novelkit.serve import create_app
-from novelkit.synthesis import (DEFAULT_MAX_CLASSICAL, DEFAULT_SYSTEM, ResultCache, Settings, book_passages,
+from novelkit.data.formats import Sample
+from novelkit.generation.batch import generate_responses
+from novelkit.generation.worker import GenerationWorker
+from novelkit.models.loading import load_model, load_tokenizer
+from novelkit.data.readers import read_books, read_text
+from novelkit.serve.server import create_app
+from novelkit.synthesize.passages import (DEFAULT_MAX_CLASSICAL, DEFAULT_SYSTEM, ResultCache, Settings, book_passages,
                                 build_messages, classical_score, clean_summary, request_key, summary_problem)
-from novelkit.templates import default_template_name, get_template
+from novelkit.data.templates import default_template_name, get_template
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-not-a-real-key-42"
@@ -288,7 +288,7 @@ def test_a_wrong_key_stops_the_run_with_one_line(books, ordinals, tmp_path):
 
 @pytest.fixture(scope="module")
 def our_server(default_model_dir):
-    """Our own server (novelkit.serve.create_app) on the tiny default model, in a thread on a free loopback port."""
+    """Our own server (novelkit.serve.server.create_app) on the tiny default model, in a thread on a free loopback port."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared 2-core machine: two threads thrash
     model, tokenizer = load_model(str(default_model_dir)), load_tokenizer(str(default_model_dir))

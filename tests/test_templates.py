@@ -3,10 +3,10 @@
 import pytest
 import sentencepiece as spm
 
-from novelkit.baichuan.tokenization_baichuan import BaichuanTokenizer
-from novelkit.features import IGNORE_INDEX, encode_sft
-from novelkit.formats import Sample
-from novelkit.templates import (TEMPLATES, default_template_name, encode_prompt, encode_sample, get_template,
+from novelkit.models.baichuan.tokenization_baichuan import BaichuanTokenizer
+from novelkit.data.features import IGNORE_INDEX, encode_sft
+from novelkit.data.formats import Sample
+from novelkit.data.templates import (TEMPLATES, default_template_name, encode_prompt, encode_sample, get_template,
                                 stop_token_ids)
 
 M = IGNORE_INDEX
@@ -131,7 +131,7 @@ def test_tokenizer_chat_template(default_tokenizer):
 def test_default_template_choice(bc2):
     from types import SimpleNamespace
 
-    from novelkit.baichuan import tiny_config
+    from novelkit.models.baichuan import tiny_config
 
     assert default_template_name(bc2[0], tiny_config("baichuan2-7b")) == "baichuan2"
     assert default_template_name(bc2[0], tiny_config("baichuan2-13b")) == "baichuan2"

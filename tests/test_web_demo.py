@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from novelkit.errors import ConfigError
-from novelkit.ratings import COLUMNS, SUMMARY_HEADERS, Rating, RatingStore
+from novelkit.evaluation.ratings import COLUMNS, SUMMARY_HEADERS, Rating, RatingStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,10 +133,10 @@ def test_rating_lands_in_sqlite_and_summary(demo):
 
 
 def test_continuation_shows_retrieved_passages(default_model_dir, shared_data, tmp_path):
-    from novelkit.embedding import Embedder
-    from novelkit.indexing import add_sources, embed_pending
-    from novelkit.readers import read_text
-    from novelkit.vector_store import VectorStore
+    from novelkit.retrieval.embedding import Embedder
+    from novelkit.retrieval.indexing import add_sources, embed_pending
+    from novelkit.data.readers import read_text
+    from novelkit.retrieval.vector_store import VectorStore
 
     book = read_text(shared_data / "novels" / "hongloumeng.txt")[:3000]
     (tmp_path / "hongloumeng.txt").write_text(book, encoding="utf-8")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from novelkit.loading import load_model
+from novelkit.models.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ["Baichuan-Finetune", "Baichuan-Finetune-Lora", "Baichuan-Finetune-QLora", "Baichuan-Pretrain"]

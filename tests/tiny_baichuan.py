@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from novelkit.baichuan import BaichuanForCausalLM, tiny_config
-from novelkit.baichuan.modeling_baichuan import BaichuanRMSNorm
+from novelkit.models.baichuan import BaichuanForCausalLM, tiny_config
+from novelkit.models.baichuan.modeling_baichuan import BaichuanRMSNorm
 
 
 def random_model(variant, seed=0, **overrides):

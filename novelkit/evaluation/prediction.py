@@ -1,0 +1,271 @@
+"""Prediction for a data file: batched generation, a predictions file that survives kills, ROUGE, a submission file.
+
+predictions.jsonl holds one line per input record: the record's fields plus "index" (its position in the data file)
+and "response". Prompts are sorted by length and cut into fixed batches (left padding); each finished batch is
+appended and fsynced, so a kill loses at most the batch in flight. A rerun reconciles the file (a torn last line is
+dropped, every line is checked against the data) and generates only the missing records, in the same batches as an
+uninterrupted run, so the result is the same. At the end the file is rewritten in input order, and metrics.json gets
+ROUGE-1/2/L P/R/F (both definitions, jieba words and characters), entity-level P/R/F1 when the references are NER
+answers (`实体_类型` lines), and the markdown table.
+
+Submission mode (--submit_file): the test file's records ({instruction, input, output: ""} lines) come back with
+their response field filled, in input order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, DataError
+from ..data.formats import Sample, detect_format, to_sample
+from ..generation.batch import generate_each, generation_kwargs
+from ..models.loading import adapter_base_path, load_model, load_tokenizer
+from .ner_metrics import entity_scores, is_ner_answer
+from ..outputs import write_json_atomic, write_jsonl_atomic
+from ..data.readers import iter_records
+from .rouge import DEFINITIONS, LEVELS, corpus_rouge, rouge_table
+from ..data.templates import default_template_name, get_template
+
+RESPONSE_FIELDS = {"alpaca": "output", "instruct": "answer", "input_label": "label"}  # filled in submission mode
+
+
+def prediction_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every predict.py takes; the QLoRA seed's names (--base_model, --data_file …) are aliases."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model_path", "--base_model", default="",
+                   help="model folder; empty = the adapter's recorded base, else the embedded default")
+    p.add_argument("--lora_model", default="", help="PEFT adapter folder; empty = the model alone")
+    p.add_argument("--tokenizer_path", default="", help="tokenizer folder; empty = the model's")
+    p.add_argument("--data", "--data_file", default="data_examples/sft/dev.jsonl", help="records to generate for")
+    p.add_argument("--format", default="", help="data format; empty = detected")
+    p.add_argument("--template", default="", help="chat template; empty = the model's own")
+    p.add_argument("--output_dir", default="", help="where results go; default: the adapter folder, else "
+                                                    "output/predict")
+    p.add_argument("--predictions_file", default="", help="default: <output_dir>/predictions.jsonl; metrics.json "
+                                                          "is written beside it")
+    p.add_argument("--submit_file", default="", help="submission mode: write the data's records with the response "
+                                                     "field filled to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --submit_file")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_new_tokens", type=int, default=None, help="default: the model's generation_config, "
+                                                                     "else 256")
+    p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--repetition_penalty", type=float, default=None)
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, fp32 on CPU), bf16, fp16, fp32")
+    p.add_argument("--load_in_4bit", action="store_true", help="load the model in NF4 (bitsandbytes), as QLoRA "
+                                                               "trained it")
+    p.add_argument("--only_cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    p.add_argument("--interactive", action="store_true", help="type prompts, see responses stream")
+    p.add_argument("--with_prompt", action="store_true", help="interactive: wrap what you type in the chat "
+                                                              "template (else the model continues the raw text)")
+    p.add_argument("--retrieval_index", default="", help="Baichuan-Embedding index: put a 前情提要 block of related "
+                                                         "earlier passages before each prompt; empty = none")
+    p.add_argument("--retrieval_k", type=int, default=4, help="passages retrieved per sample")
+    p.add_argument("--retrieval_tokens", type=int, default=512, help="token budget of the 前情提要 block")
+    return p
+
+
+def load_for_prediction(args):
+    """(model, tokenizer, template) for the flags: base model, optional adapter (checked to fit), 4-bit or not."""
+    model_path = args.model_path or (adapter_base_path(args.lora_model) if args.lora_model else "")
+    device = "cpu" if args.only_cpu else None
+    adapter = args.lora_model or None
+    if args.load_in_4bit:
+        from ..models.quantization import load_4bit_model
+
+        model = load_4bit_model(model_path, device=device, adapter=adapter)
+    else:
+        model = load_model(model_path, dtype=args.dtype, device=device, adapter=adapter)
+    model.eval()
+    tokenizer = load_tokenizer(args.tokenizer_path or model_path)
+    name = args.template or default_template_name(tokenizer, model.config)
+    print(f"[predict] model {model_path or 'default'}{f' + adapter {adapter}' if adapter else ''}, template {name}",
+          flush=True)
+    return model, tokenizer, get_template(name)
+
+
+def generation_settings(model, args) -> dict:
+    """The model's generation_config.json, overridden by the flags given."""
+    gen = generation_kwargs(model, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample or None,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            repetition_penalty=args.repetition_penalty)
+    gen.setdefault("max_new_tokens", 256)  # transformers' own default would stop at 20 tokens
+    return gen
+
+
+def read_data(path, fmt: str = ""):
+    """(records, samples, format) of a data file, the format detected from the first record unless given."""
+    records = list(iter_records(path))
+    fmt = fmt or detect_format(records[0])
+    return records, [to_sample(r, fmt) for r in records], fmt
+
+
+class PredictionLog:
+    """predictions.jsonl as the record of what is done: reconciled on open, appended batch by batch."""
+
+    def __init__(self, path, records):
+        self.path, self.records = Path(path), records
+        self.done: dict[int, dict] = {}
+        if self.path.exists():
+            self._reconcile()
+
+    def row(self, index: int, response: str) -> dict:
+        return {**self.records[index].data, "index": index, "response": response}
+
+    def _reconcile(self) -> None:
+        text = self.path.read_bytes().decode("utf-8", errors="replace")
+        pieces = text.split("\n")
+        torn = False
+        for number, line in enumerate(pieces, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(pieces):  # no newline after it: the write in flight when the run was killed
+                    torn = True
+                    continue
+                raise DataError(self.path, number, "not a JSON line; delete the file or choose another output")
+            index = row.get("index") if isinstance(row, dict) else None
+            if not (isinstance(index, int) and 0 <= index < len(self.records) and isinstance(row.get("response"), str)
+                    and row == self.row(index, row["response"])):
+                raise DataError(self.path, number, f"does not match record {index} of {self.records[0].path}: the "
+                                                   "file was written for other data; delete it or choose another "
+                                                   "output")
+            self.done.setdefault(index, row)
+        rows = list(self.done.values())
+        if text != "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows):
+            write_jsonl_atomic(self.path, rows)  # appends must start on a clean line
+        print(f"[predict] {self.path}: {len(rows)} of {len(self.records)} records already done"
+              + (", a torn last line dropped" if torn else ""), flush=True)
+
+    def append(self, rows: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+        for row in rows:
+            self.done[row["index"]] = row
+
+    def finish(self) -> list[str]:
+        """Rewrite the file in input order; the responses in that order."""
+        rows = [self.done[i] for i in range(len(self.records))]
+        write_jsonl_atomic(self.path, rows)
+        return [r["response"] for r in rows]
+
+
+def generate_missing(model, tokenizer, template, samples, log: PredictionLog, *, batch_size: int, **gen) -> int:
+    """Generate the records `log` lacks, each written to it as soon as it is finished. The engine gives every
+    sequence its own cache slot and positions, so a response does not depend on which records share its batch
+    (tests/test_engine.py: the same tokens alone and batched): a resumed run gives the uninterrupted run's result."""
+    missing = [i for i in range(len(samples)) if i not in log.done]
+    with tqdm(total=len(samples), initial=len(log.done), desc="predict") as bar:
+        def record(k, response):
+            log.append([log.row(missing[k], response)])
+            bar.update(1)
+
+        generate_each(model, tokenizer, template, [samples[i] for i in missing], record, batch_size=batch_size,
+                      progress=False, **gen)
+    return len(missing)
+
+
+def score_responses(responses: list[str], references: list[str]) -> dict:
+    """ROUGE under both definitions on words and characters, over the pairs with a reference; entity-level scores
+    too when every reference is an NER answer."""
+    pairs = [(h, r) for h, r in zip(responses, references) if r.strip()]
+    scores: dict = {"scored": len(pairs)}
+    if not pairs:
+        return scores
+    hyps, refs = (list(x) for x in zip(*pairs))
+    for definition in DEFINITIONS:
+        for level in LEVELS:
+            scores[f"{definition}/{level}"] = corpus_rouge(hyps, refs, level=level, definition=definition)
+    if all(is_ner_answer(r) for r in refs):
+        scores["ner"] = entity_scores(hyps, refs)
+    return scores
+
+
+def check_submission(path: str, fmt: str, overwrite: bool) -> str:
+    """The field to fill; refuses to replace an existing file unless asked (checked before any generation)."""
+    if fmt not in RESPONSE_FIELDS:
+        raise ConfigError(f"submission mode needs records with one response field "
+                          f"({', '.join(f'{k}: {v}' for k, v in RESPONSE_FIELDS.items())}); the data is '{fmt}'")
+    if Path(path).exists() and not overwrite:
+        raise ConfigError(f"{path} already exists; pass --overwrite to replace it")
+    return RESPONSE_FIELDS[fmt]
+
+
+def predict_file(model, tokenizer, template, args, records=None, samples=None, fmt: str = "") -> dict:
+    """The data-file mode: predictions.jsonl, metrics.json (and submit file), printed table; returns the metrics.
+    `records`/`samples` default to the --data file's; a caller may pass them (e.g. with prompts augmented)."""
+    if records is None:
+        records, samples, fmt = read_data(args.data, args.format)
+    if args.retrieval_index:  # a record's `book` and `position` fields keep later passages out
+        from ..retrieval.recap import Retriever, add_recaps
+
+        samples = add_recaps(samples, records, Retriever(args.retrieval_index), tokenizer, k=args.retrieval_k,
+                             token_budget=args.retrieval_tokens)
+        print(f"[predict] 前情提要 from {args.retrieval_index}: {args.retrieval_k} passages, "
+              f"at most {args.retrieval_tokens} tokens", flush=True)
+    out_dir = Path(args.output_dir or args.lora_model or "output/predict")
+    predictions = Path(args.predictions_file) if args.predictions_file else out_dir / "predictions.jsonl"
+    field = check_submission(args.submit_file, fmt, args.overwrite) if args.submit_file else None
+    gen = generation_settings(model, args)
+    print(f"[predict] {len(samples)} records from {args.data} ({fmt}), {gen}", flush=True)
+
+    log = PredictionLog(predictions, records)
+    start = time.time()
+    generated = generate_missing(model, tokenizer, template, samples, log, batch_size=args.batch_size, **gen)
+    seconds = time.time() - start
+    responses = log.finish()
+
+    metrics = {"samples": len(samples), "generated": generated, "generation_seconds": round(seconds, 2),
+               **score_responses(responses, [s.response for s in samples])}
+    if "rouge-chinese/word" in metrics:
+        metrics["table"] = rouge_table(metrics["rouge-chinese/word"])
+    write_json_atomic(predictions.parent / "metrics.json", metrics)
+    if field:
+        write_jsonl_atomic(args.submit_file, [{**r.data, field: t} for r, t in zip(records, responses)])
+        print(f"wrote {args.submit_file}")
+    print(f"\nwrote {predictions} and {predictions.parent / 'metrics.json'}")
+    if "table" in metrics:
+        print("\nROUGE (rouge-chinese definition, jieba words):\n")
+        print(metrics["table"])
+    if "ner" in metrics:
+        ner = metrics["ner"]
+        print(f"\nentities: P {ner['precision'] * 100:.2f}  R {ner['recall'] * 100:.2f}  F1 {ner['f1'] * 100:.2f}  "
+              f"exact match {ner['exact_match'] * 100:.2f}")
+    return metrics
+
+
+def interactive(model, tokenizer, template, args, read=input) -> None:
+    """Prompts from the terminal, responses streamed as they are generated. An empty line or Ctrl-D ends."""
+    from ..generation.worker import stream_generate
+    from ..data.templates import encode_prompt, stop_token_ids
+
+    gen = generation_settings(model, args)
+    chat = template if args.with_prompt else get_template("plain")
+    how = "wrapped in the chat template" if args.with_prompt else "continued as raw text (--with_prompt: chat)"
+    print(f"Type a prompt and press Enter; it is {how}. An empty line or Ctrl-D ends.", flush=True)
+    while True:
+        try:
+            text = read("Input: ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        print("Response: ", end="", flush=True)
+        stream_generate(model, tokenizer, encode_prompt(tokenizer, chat, Sample(prompt=text, response="")),
+                        stop_ids=stop_token_ids(tokenizer, chat), on_text=lambda t: print(t, end="", flush=True),
+                        **gen)
+        print(flush=True)

@@ -1,0 +1,227 @@
+"""Next-token choice for a batch of sequences with per-row settings, the same numbers as transformers' processors.
+
+Order as `generate`: repetition penalty (also when greedy), then for sampled rows temperature, top-k, top-p, then a
+draw. A row whose setting is neutral (penalty 1, temperature 1, top_k 0, top_p 1) is left unchanged,
+as `generate` leaves out that processor. Rows with a seed draw from their own generator.
+
+Two ways to draw, one distribution. `warp` + a draw is transformers' way: sort the vocabulary, cumulative sum, cut.
+`draw_nucleus` needs no sort, which costs more than a 1.5B model's decode step over a 152k vocabulary at batch 64:
+it takes the first CANDIDATES tokens of a Gumbel ordering (argmax of probs / Exp(1) noise is a draw from probs;
+the order continues it without replacement) and keeps the first one inside the top-p nucleus. The first token of
+that order that lies in a set is a draw from probs restricted to the set, so this is exact. A token is in the
+nucleus when the probability mass at or below its own is more than 1 - top_p (HF drops the ascending prefix
+whose cumulative sum is <= 1 - top_p). When no candidate is inside (probability about (1 - top_p) ** CANDIDATES),
+the row gets -1 and the caller draws it again the sorting way (`Sampler.redraw`); tokens tied with the nucleus's
+smallest are all kept, where HF's sort keeps some of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..compile_cache import use_compile_cache
+
+
+@dataclass
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+def resolve_sampling(model, seed=None, **given) -> SamplingParams:
+    """As `generate` resolves them: the given values, else the model's generation_config, else transformers'
+    global defaults (top_k 50 when sampling)."""
+    cfg = getattr(model, "generation_config", None)
+    defaults = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0)
+    values = {}
+    for name, default in defaults.items():
+        value = given.get(name)
+        if value is None:
+            value = getattr(cfg, name, None)
+        values[name] = default if value is None else value
+    return SamplingParams(do_sample=bool(values["do_sample"]), temperature=float(values["temperature"]),
+                          top_k=int(values["top_k"]), top_p=float(values["top_p"]),
+                          repetition_penalty=float(values["repetition_penalty"]), seed=seed)
+
+
+def penalize_repetition(logits, seen, penalty):
+    """HF RepetitionPenaltyLogitsProcessor per row: logits (b, vocab), seen (b, vocab) bool, penalty (b, 1)."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def warp(logits, temperature, top_k, top_p):
+    """HF temperature, top-k and top-p warpers per row. temperature, top_p (b, 1) float; top_k (b, 1) long,
+    0 = off. Filtered logits become -inf. One sort serves both filters: top-k only turns the lowest entries of the
+    ascending order into -inf, so that order stays the order top-p needs."""
+    vocab = logits.shape[-1]
+    logits = logits / temperature
+    sorted_asc, order = logits.sort(dim=-1)
+    kth = sorted_asc.gather(-1, vocab - top_k.clamp(min=1, max=vocab))  # as TopKLogitsWarper: ties with it stay
+    use_k = top_k > 0
+    logits = logits.masked_fill(use_k & (logits < kth), -float("inf"))
+    sorted_asc = sorted_asc.masked_fill(use_k & (sorted_asc < kth), -float("inf"))
+    # as TopPLogitsWarper: drop the ascending prefix whose cumulative probability is <= 1 - top_p, keep the best
+    cumulative = sorted_asc.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted[:, -1] = False
+    remove = remove_sorted.scatter(1, order, remove_sorted) & (top_p < 1.0)
+    return logits.masked_fill(remove, -float("inf"))
+
+
+CANDIDATES = 4  # Gumbel-order candidates per row and step: a miss costs one sorting redraw of that row
+FAST_TOP_K = 64  # top-k filters up to this size are applied without a sort
+
+
+def draw_nucleus(logits, noise, temperature, top_k, top_p, use_top_k: bool):
+    """A token per row from temperature / top-k / top-p filtered `logits` (b, vocab) float32, without sorting the
+    vocabulary (see the module docstring); -1 where none of the candidates is inside the nucleus. noise (b, vocab):
+    Exp(1) draws. temperature, top_p (b, 1) float, top_k (b, 1) long <= FAST_TOP_K (0 = off)."""
+    logits = logits / temperature
+    vocab = logits.shape[-1]
+    if use_top_k:  # as TopKLogitsWarper: keep logits >= the k-th largest
+        k = min(FAST_TOP_K, vocab)
+        kth = logits.topk(k, dim=-1).values.gather(-1, top_k.clamp(1, k) - 1)
+        logits = logits.masked_fill((top_k > 0) & (logits < kth), -float("inf"))
+    probs = logits.softmax(dim=-1)
+    count = min(CANDIDATES, vocab)
+    candidates = (probs / noise).topk(count, dim=-1).indices  # Gumbel order, best first
+    chances = probs.gather(-1, candidates)
+    mass_at_or_below = torch.stack([torch.where(probs <= chances[:, i, None], probs, 0.0).sum(dim=-1)
+                                    for i in range(count)], dim=-1)
+    inside = ((mass_at_or_below > 1 - top_p) | (top_p >= 1.0)) & (chances > 0)
+    first = inside.int().argmax(dim=-1, keepdim=True)  # the first True
+    token = candidates.gather(-1, first)[:, 0]
+    return torch.where(inside.any(dim=-1), token, -1)
+
+
+def pick(logits, noise, do_sample, temperature, top_k, top_p, mode: str | None):
+    """Next tokens from (b, vocab) logits: argmax where do_sample is False, else `draw_nucleus` (-1 on a miss).
+    noise None: Exp(1) noise made here, inside the one compiled function (no [b, vocab] noise tensor in memory)."""
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    if mode is None:
+        return greedy
+    if noise is None:
+        # Exp(1) = -log(U); rand may give 0, whose noise would be +inf (that token never drawn): clamped
+        noise = -torch.rand_like(logits).clamp(min=torch.finfo(torch.float32).tiny).log()
+    drawn = draw_nucleus(logits, noise, temperature, top_k, top_p, mode == "nucleus_top_k")
+    return torch.where(do_sample[:, 0], drawn, greedy)
+
+
+def _compiled_pick():
+    use_compile_cache()
+    compiled = torch.compile(pick)
+
+    def call(logits, noise, *rows, mode):
+        for t in (logits, noise, *rows):
+            if t is not None:
+                torch._dynamo.maybe_mark_dynamic(t, 0)  # one compilation for every batch size >= 2
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            return compiled(logits, noise, *rows, mode)
+
+    return call
+
+
+class Sampler:
+    """Per-row settings as device tensors (one row per cache slot) and the choice of next tokens. `choose` has no
+    host sync and fixed shapes, so the engine captures it in the decode step's CUDA graph (rows without a seed).
+    compile=True: `pick` through torch.compile for the compiled decode step (its dozen passes over the logits fuse
+    into a few, noise included)."""
+
+    def __init__(self, rows: int, vocab: int, device, compile: bool = False):
+        self.device = device
+        self.compiled_pick = _compiled_pick() if compile else None
+        self.do_sample = torch.zeros(rows, 1, dtype=torch.bool, device=device)
+        self.temperature = torch.ones(rows, 1, device=device)
+        self.top_k = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.top_p = torch.ones(rows, 1, device=device)
+        self.penalty = torch.ones(rows, 1, device=device)
+        self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        self.params: list[SamplingParams | None] = [None] * rows
+        self.generators: list[torch.Generator | None] = [None] * rows
+
+    def set_row(self, row: int, params: SamplingParams, prompt: list[int]):
+        self.params[row] = params
+        self.do_sample[row] = params.do_sample
+        self.temperature[row] = params.temperature
+        self.top_k[row] = params.top_k
+        self.top_p[row] = params.top_p
+        self.penalty[row] = params.repetition_penalty
+        self.seen[row] = False
+        if params.repetition_penalty != 1.0:
+            self.seen[row, torch.tensor(prompt, device=self.device)] = True
+        self.generators[row] = None
+        if params.seed is not None and params.do_sample:
+            self.generators[row] = torch.Generator(self.device).manual_seed(params.seed)
+
+    def needs(self, rows) -> tuple[str | None, bool, bool]:
+        """(how sampling rows draw: None (all greedy), "nucleus", "nucleus_top_k" or "sort" (a top_k over
+        FAST_TOP_K); any row penalises repetition; any sampling row has its own generator)."""
+        params = [self.params[r] for r in rows if self.params[r] is not None]
+        sampled = [p for p in params if p.do_sample]
+        mode = None
+        if sampled:
+            k = max(p.top_k for p in sampled)
+            mode = "nucleus" if k <= 0 else "nucleus_top_k" if k <= FAST_TOP_K else "sort"
+        return (mode, any(p.repetition_penalty != 1.0 for p in params),
+                bool(sampled) and any(self.generators[r] is not None for r in rows))
+
+    def _noise(self, logits, rows, seeded: bool):
+        """Exp(1) float32 noise of the logits' shape; rows with their own generator draw theirs from it."""
+        noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_()
+        if seeded:
+            slots = range(rows.start, rows.stop) if isinstance(rows, slice) else rows.tolist()
+            for i, slot in enumerate(slots):
+                if self.generators[slot] is not None:
+                    noise[i].exponential_(generator=self.generators[slot])
+        return noise
+
+    def choose(self, logits, rows, mode: str | None, penalty: bool, seeded: bool = False,
+               compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next token for each row of `logits`, `logits` as given); `rows` (slice or index tensor) says which
+        slots they are. A token is -1 where the nucleus draw missed: the caller passes the row and the returned
+        logits to `redraw` before the token is used. A draw is argmax(probs / Exp(1) noise): the same distribution
+        as torch.multinomial, and graph-capturable. compiled: through the compiled `pick`."""
+        raw = logits
+        if penalty:
+            logits = penalize_repetition(logits.float(), self.seen[rows], self.penalty[rows])
+        settings = self.do_sample[rows], self.temperature[rows], self.top_k[rows], self.top_p[rows]
+        if mode == "sort":
+            logits = logits.float()
+            drawn = (warp(logits, *settings[1:]).softmax(dim=-1) / self._noise(logits, rows, seeded)).argmax(dim=-1)
+            chosen = torch.where(settings[0][:, 0], drawn, logits.argmax(dim=-1))
+        elif compiled and self.compiled_pick is not None:
+            noise = self._noise(logits, rows, seeded) if mode and seeded else None
+            chosen = self.compiled_pick(logits, noise, *settings, mode=mode)
+        else:
+            chosen = pick(logits, self._noise(logits, rows, seeded) if mode else None, *settings, mode)
+        if penalty:
+            self._mark_seen(rows, chosen)
+        return chosen, raw
+
+    def redraw(self, logits, slots: list[int]) -> torch.Tensor:
+        """Tokens for `slots` whose nucleus draw missed, drawn the sorting way from their rows of the logits
+        `choose` returned (their repetition marks are still those `choose` saw: a miss marks nothing)."""
+        index = torch.tensor(slots, device=self.device)
+        logits = logits.float()
+        penalty = any(self.params[s].repetition_penalty != 1.0 for s in slots)
+        if penalty:
+            logits = penalize_repetition(logits, self.seen[index], self.penalty[index])
+        noise = self._noise(logits, index, seeded=any(self.generators[s] is not None for s in slots))
+        probs = warp(logits, self.temperature[index], self.top_k[index], self.top_p[index]).softmax(dim=-1)
+        chosen = (probs / noise).argmax(dim=-1)
+        if penalty:
+            self._mark_seen(index, chosen)
+        return chosen
+
+    def _mark_seen(self, rows, chosen):
+        index = torch.arange(rows.start, rows.stop, device=self.device) if isinstance(rows, slice) else rows
+        token = chosen.clamp(min=0)  # a missed draw (-1) marks nothing; its redraw marks its token
+        self.seen[index, token] = self.seen[index, token] | (chosen >= 0)

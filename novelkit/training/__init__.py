@@ -1,0 +1,4 @@
+"""The training stage: what the fine-tuning and pretraining recipes share: the SFT flags, data step, Trainer and
+resume (sft_training), the GPU fast path (fast_training), and DeepSpeed ZeRO helpers (zero).
+
+May import: base, data, models, generation, retrieval, evaluation."""
