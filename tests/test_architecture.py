@@ -1,7 +1,8 @@
 """novelkit's imports go one way: base modules ← data ← models ← generation, retrieval ← evaluation ← training ←
 analysis, synthesize, serve (docs/architecture.md). Checked over the source with `ast` (imports inside functions
 count too), so a change that adds an upward import or a circle fails here, and the checker itself is shown to catch
-both on a planted tree."""
+both on a planted tree. Every import of a novelkit module anywhere in the repository must also resolve: a lazy import
+on a GPU-only path that still names a moved module fails here, not on someone's GPU."""
 
 import ast
 from pathlib import Path
@@ -100,6 +101,56 @@ def test_novelkit_imports_go_one_way_without_circles():
     assert import_problems(ROOT / "novelkit") == []
 
 
+def top_level_names(path: Path) -> set[str]:
+    """Names a module defines or imports at its top level (inside if/try blocks too)."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        for sub in ast.walk(node) if isinstance(node, (ast.If, ast.Try)) else [node]:
+            if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(sub.name)
+            elif isinstance(sub, (ast.Import, ast.ImportFrom)):
+                names.update((alias.asname or alias.name).split(".")[0] for alias in sub.names)
+            elif isinstance(sub, (ast.Assign, ast.AnnAssign)):
+                for target in sub.targets if isinstance(sub, ast.Assign) else [sub.target]:
+                    names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
+def unresolved_imports(package: Path, files) -> list[str]:
+    """Imports of the package's modules (lazy ones inside functions too, e.g. on GPU-only paths) that name a module
+    or a name that does not exist."""
+    known = modules(package)
+    problems = []
+    for path in files:
+        inside = path.is_relative_to(package)
+        parts = list(path.relative_to(package.parent).with_suffix("").parts) if inside else []
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = parts[:-1][:len(parts) - node.level]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                if module.split(".")[0] != package.name:
+                    continue
+                if module not in known:
+                    problems.append(f"{path.name}:{node.lineno}: no module {module}")
+                    continue
+                defined = top_level_names(known[module])
+                problems += [f"{path.name}:{node.lineno}: {module} has no {alias.name}" for alias in node.names
+                             if f"{module}.{alias.name}" not in known and alias.name not in defined]
+            elif isinstance(node, ast.Import):
+                problems += [f"{path.name}:{node.lineno}: no module {alias.name}" for alias in node.names
+                             if alias.name.split(".")[0] == package.name and alias.name not in known]
+    return problems
+
+
+def test_every_novelkit_import_in_the_repository_resolves():
+    files = [p for folder in ("novelkit", "bench", "tests") for p in (ROOT / folder).rglob("*.py")]
+    files += [*ROOT.glob("Baichuan-*/*.py"), ROOT / "web_demo.py"]
+    assert unresolved_imports(ROOT / "novelkit", files) == []
+
+
 def test_every_subpackage_says_what_it_holds_and_may_import():
     for name in RANK:
         if name != "base":
@@ -131,3 +182,13 @@ def test_checker_catches_a_planted_circle_and_an_upward_import(tmp_path):
     problems = import_problems(package)
     assert problems[0] == "pkg.data.readers (data) imports pkg.models.loading (models): models is not below data"
     assert problems[1].startswith("import circle: pkg.data.readers → pkg.models.loading")
+
+
+def test_checker_catches_an_import_of_something_moved_away(tmp_path):
+    package = tmp_path / "pkg"
+    write(package, {"__init__.py": "", "models/__init__.py": "", "models/loading.py": "def load(): pass\n",
+                    "gen.py": "def f():\n    from .models.loading import load\n"})
+    assert unresolved_imports(package, [package / "gen.py"]) == []
+    write(package, {"gen.py": "def f():\n    from .loading import load\n    from .models.loading import lode\n"})
+    assert unresolved_imports(package, [package / "gen.py"]) == ["gen.py:2: no module pkg.loading",
+                                                                  "gen.py:3: pkg.models.loading has no lode"]
