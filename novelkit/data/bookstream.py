@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .chunking import split_chapters
 from ..errors import DataError
+from .chunking import split_chapters
 from .readers import SNIFF_BYTES, _book_from_record, detect_encoding, iter_records
 
 BLOCK_CHARS = 1 << 20

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .chunking import split_chapters
 from ..errors import ConfigError, DataError
+from .chunking import split_chapters
 from .readers import Book, iter_books, read_text
 
 # Lines web-novel sites inject: links, "chapter end" marks, app ads, vote begging.

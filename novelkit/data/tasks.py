@@ -14,8 +14,8 @@ from __future__ import annotations
 import random
 import re
 
-from .chunking import chunk_book
 from ..errors import ConfigError
+from .chunking import chunk_book
 from .formats import load_samples, to_sample
 from .readers import iter_books, iter_records
 

@@ -22,15 +22,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, DataError
 from ..data.formats import Sample, detect_format, to_sample
+from ..data.readers import iter_records
+from ..data.templates import default_template_name, get_template
+from ..errors import ConfigError, DataError
 from ..generation.batch import generate_each, generation_kwargs
 from ..models.loading import adapter_base_path, load_model, load_tokenizer
-from .ner_metrics import entity_scores, is_ner_answer
 from ..outputs import write_json_atomic, write_jsonl_atomic
-from ..data.readers import iter_records
+from .ner_metrics import entity_scores, is_ner_answer
 from .rouge import DEFINITIONS, LEVELS, corpus_rouge, rouge_table
-from ..data.templates import default_template_name, get_template
 
 RESPONSE_FIELDS = {"alpaca": "output", "instruct": "answer", "input_label": "label"}  # filled in submission mode
 

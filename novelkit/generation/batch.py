@@ -8,11 +8,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..compile_cache import compiled_before
+from ..data.features import left_pad
+from ..data.templates import encode_prompt, stop_token_ids
 from .engine import Engine, Request, engine_step_key, without_partial_character
 from .engine_model import fast_path_problem, unwrap
-from ..data.features import left_pad
 from .sampling import resolve_sampling
-from ..data.templates import encode_prompt, stop_token_ids
 
 
 def generation_kwargs(model, max_new_tokens=None, do_sample=None, temperature=None, top_p=None, top_k=None,

@@ -14,12 +14,12 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 
-from .engine import Engine, Request
 from ..data.formats import Sample
-from .batch import generation_kwargs
-from ..models.loading import max_positions
-from .sampling import resolve_sampling
 from ..data.templates import encode_prompt, get_template, stop_token_ids
+from ..models.loading import max_positions
+from .batch import generation_kwargs
+from .engine import Engine, Request
+from .sampling import resolve_sampling
 
 PLAIN = get_template("plain")  # completions: the prompt text as it is
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..data.chunking import chunk_book
-from ..errors import DataError
 from ..data.formats import detect_format, load_samples
 from ..data.readers import Book, iter_records, read_books
+from ..errors import DataError
 from .vector_store import VectorStore
 
 SOURCE_SUFFIXES = (".txt", ".jsonl", ".json", ".tsv")

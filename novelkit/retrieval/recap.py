@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .embedding import Embedder
 from ..errors import ConfigError, DataError
+from .embedding import Embedder
 from .vector_store import Passage, VectorStore
 
 RECAP_HEADER = "前情提要：\n"

@@ -24,10 +24,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .api_protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, messages_to_sample
-from ..errors import exit_on_error
 from ..data.formats import Sample
+from ..errors import exit_on_error
 from ..generation.worker import Failed, Finished, GenerationRequest, GenerationWorker, Text
+from .api_protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, messages_to_sample
 
 
 def create_app(worker: GenerationWorker, model_name: str, api_key: str = "") -> FastAPI:

@@ -24,8 +24,8 @@ import httpx
 from tqdm.auto import tqdm
 
 from ..data.chunking import chunk_book
-from ..errors import ConfigError, DataError
 from ..data.readers import iter_records
+from ..errors import ConfigError, DataError
 
 DEFAULT_INSTRUCTION = "根据提示写一段小说正文。"
 DEFAULT_SYSTEM = "你是一位经验丰富的网络小说编辑，擅长把小说片段概括成简短的写作提示。"

@@ -14,13 +14,13 @@ from transformers.trainer_utils import IntervalStrategy
 import torch
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from ..errors import ConfigError, DataError
-from .fast_training import prepare_fast_training
 from ..data.features import SFTCollator, encode_sft_dataset
 from ..data.formats import Sample, load_samples
+from ..data.packing import PackedCollator, pack_rows
+from ..errors import ConfigError, DataError
 from ..evaluation.generation_eval import GenerationEvalTrainer, GenerationEvaluator
 from ..models.loading import write_base_fingerprint
-from ..data.packing import PackedCollator, pack_rows
+from .fast_training import prepare_fast_training
 from .zero import check_saved_matches_live, join_cpu_processes, prepare_resume
 
 
