@@ -18,15 +18,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared package next to this script
 # novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
-from novelkit.errors import ConfigError, exit_on_error
 from novelkit.data.formats import Sample, load_samples
+from novelkit.data.readers import read_text
+from novelkit.data.templates import default_template_name, encode_prompt, get_template, stop_token_ids
+from novelkit.errors import ConfigError, exit_on_error
+from novelkit.evaluation.ratings import AXES, SUMMARY_HEADERS, Rating, RatingStore
 from novelkit.generation.batch import generation_kwargs
 from novelkit.generation.worker import engine_for, stream_generate
 from novelkit.models.loading import adapter_base_path, load_model, load_tokenizer, max_positions
-from novelkit.evaluation.ratings import AXES, SUMMARY_HEADERS, Rating, RatingStore
-from novelkit.data.readers import read_text
 from novelkit.retrieval.recap import Retriever, recap_for
-from novelkit.data.templates import default_template_name, encode_prompt, get_template, stop_token_ids
 
 import gradio as gr
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
 
-from novelkit.errors import DataError, exit_on_error
 from novelkit.analysis.plots import curves
 from novelkit.analysis.report import table, write_report
 from novelkit.analysis.runlogs import read_runs
+from novelkit.errors import DataError, exit_on_error
 
 PLOTS = {  # file: (metric, title, y label, log scale)
     "loss.png": ("loss", "Training loss", "loss", False),

@@ -14,13 +14,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
 # novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
-from novelkit.errors import exit_on_error
-from novelkit.models.loading import load_model, resolve_model_path
-from novelkit.analysis.memory import GIB, activation_bytes, empty_model, estimate_fp32, estimate_memory, formulas_markdown, \
-    load_config, lora_activation_inputs, lora_parameters, lora_target_modules, measure_training_peak, model_shape, \
-    parameters_by_component, parameters_by_type
+from novelkit.analysis.memory import (GIB, activation_bytes, empty_model, estimate_fp32, estimate_memory,
+                                      formulas_markdown, load_config, lora_activation_inputs, lora_parameters,
+                                      lora_target_modules, measure_training_peak, model_shape, parameters_by_component,
+                                      parameters_by_type)
 from novelkit.analysis.plots import curves, stacked_bars
 from novelkit.analysis.report import human_bytes, human_count, table, write_report
+from novelkit.errors import exit_on_error
+from novelkit.models.loading import load_model, resolve_model_path
 
 from transformers import AutoModelForCausalLM
 

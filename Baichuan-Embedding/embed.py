@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
 
-from novelkit.retrieval.embedding import POOLINGS, Embedder
 from novelkit.errors import ConfigError, exit_on_error
+from novelkit.retrieval.embedding import POOLINGS, Embedder
 from novelkit.retrieval.indexing import add_sources, embed_pending, source_files
 from novelkit.retrieval.recap import Retriever
 from novelkit.retrieval.vector_store import INDEX_TYPES, VectorStore

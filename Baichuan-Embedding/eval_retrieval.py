@@ -18,12 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared packa
 # novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
 from novelkit.data.chunking import chunk_book
-from novelkit.retrieval.embedding import Embedder
+from novelkit.data.readers import read_books
 from novelkit.errors import ConfigError, exit_on_error
-from novelkit.retrieval.indexing import add_sources, embed_pending
 from novelkit.models.loading import load_model, load_tokenizer, resolve_model_path
 from novelkit.outputs import write_json_atomic
-from novelkit.data.readers import read_books
+from novelkit.retrieval.embedding import Embedder
+from novelkit.retrieval.indexing import add_sources, embed_pending
 from novelkit.retrieval.recap import Retriever, recap_for
 from novelkit.retrieval.vector_store import VectorStore
 

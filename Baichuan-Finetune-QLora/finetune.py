@@ -12,12 +12,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
 # novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
+from novelkit.data.templates import default_template_name, get_template
 from novelkit.errors import exit_on_error
 from novelkit.models.loading import load_tokenizer, resolve_model_path
-from novelkit.models.quantization import choose_optimizer, load_4bit_model, prepare_4bit_for_training, require_bitsandbytes
-from novelkit.training.sft_training import (LoraArguments, load_sft_data, lora_targets, make_trainer, parse_args, save_trained,
-                                   train_resuming)
-from novelkit.data.templates import default_template_name, get_template
+from novelkit.models.quantization import (choose_optimizer, load_4bit_model, prepare_4bit_for_training,
+                                          require_bitsandbytes)
+from novelkit.training.sft_training import (LoraArguments, load_sft_data, lora_targets, make_trainer, parse_args,
+                                            save_trained, train_resuming)
 
 import torch
 from peft import LoraConfig, get_peft_model

@@ -1,7 +1,7 @@
 """Full-parameter supervised fine-tuning: load a model, format the data with a chat template, train every weight, save.
 
-Flags: ours (novelkit.training.sft_training.DataArguments) plus every transformers TrainingArguments flag (--learning_rate,
---bf16, --gradient_checkpointing, --deepspeed, --eval_steps …). Run through ds_finetune.sh, or directly:
+Flags: ours (novelkit.training.sft_training.DataArguments) plus every transformers TrainingArguments flag
+(--learning_rate, --bf16, --gradient_checkpointing, --deepspeed, --eval_steps …). Run through ds_finetune.sh, or directly:
     python Baichuan-Finetune/finetune.py --output_dir output/full --data data/csl/train.json --dev data/csl/dev.json
 """
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
 
+from novelkit.data.templates import default_template_name, get_template
 from novelkit.errors import exit_on_error
 from novelkit.models.loading import load_model, load_tokenizer, resolve_model_path
 from novelkit.training.sft_training import load_sft_data, make_trainer, parse_args, save_trained, train_resuming
-from novelkit.data.templates import default_template_name, get_template
 
 
 @exit_on_error

@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
 
+from novelkit.data.tasks import TASKS, split_records, task_records, unique_records
 from novelkit.errors import exit_on_error
 from novelkit.outputs import write_jsonl_atomic
-from novelkit.data.tasks import TASKS, split_records, task_records, unique_records
 
 
 @exit_on_error

@@ -10,16 +10,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
 
-from novelkit.errors import exit_on_error
 from novelkit.data.formats import Sample
-from novelkit.generation.batch import generate_responses, generation_kwargs
-from novelkit.evaluation.lm_eval import continuation_points, sliding_window_perplexity
-from novelkit.models.loading import load_model, load_tokenizer, max_positions, resolve_model_path
-from novelkit.outputs import write_json_atomic, write_jsonl_atomic
 from novelkit.data.pretraining import iter_corpus_books
+from novelkit.data.templates import get_template
+from novelkit.errors import exit_on_error
+from novelkit.evaluation.lm_eval import continuation_points, sliding_window_perplexity
 from novelkit.evaluation.repetition import corpus_distinct_n, repeated_ngram_rate
 from novelkit.evaluation.rouge import corpus_rouge
-from novelkit.data.templates import get_template
+from novelkit.generation.batch import generate_responses, generation_kwargs
+from novelkit.models.loading import load_model, load_tokenizer, max_positions, resolve_model_path
+from novelkit.outputs import write_json_atomic, write_jsonl_atomic
 
 
 def parse_args():

@@ -68,11 +68,11 @@ def main():
 
     from peft import LoraConfig, get_peft_model
 
+    from novelkit.data.formats import Sample
+    from novelkit.data.templates import default_template_name, encode_prompt, get_template
     from novelkit.generation.engine import Engine, Request
     from novelkit.models.loading import load_model, load_tokenizer, write_base_fingerprint
     from novelkit.training.sft_training import lora_targets
-    from novelkit.data.templates import default_template_name, encode_prompt, get_template
-    from novelkit.data.formats import Sample
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

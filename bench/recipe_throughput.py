@@ -56,9 +56,9 @@ def make_data(assets: Path, work: Path, samples: int) -> Path:
 def run_hf_liger(args) -> None:
     """The peer: transformers' Trainer with Liger-Kernel and padding-free batches (runs in its own process)."""
     sys.path.insert(0, str(ROOT))
+    from novelkit.data.templates import get_template
     from novelkit.models.loading import load_model, load_tokenizer
     from novelkit.training.sft_training import DataArguments, load_sft_data
-    from novelkit.data.templates import get_template
 
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments

@@ -13,15 +13,15 @@ A run is WORKLOAD:LOOP:SEQ[:PLAN]:
 - LOOP: naive = model(**batch).loss, backward, AdamW step, with HF gradient checkpointing on every layer (what the
   HF docs and the seeds do); liger = Liger-Kernel 0.8.5 on the model (RoPE, RMSNorm, SwiGLU, fused linear
   cross-entropy: what LLaMA-Factory, TRL and Axolotl switch on for speed), no checkpointing, fused AdamW (the
-  Trainer's default); ours = novelkit.training.fast_training (the loss from the hidden states through Liger's fused kernel,
-  compiled decoder layers, checkpointing of only the layers PLAN says), fused AdamW. liger and ours split the global
+  Trainer's default); ours = novelkit.training.fast_training (the loss from the hidden states through Liger's fused
+  kernel, compiled decoder layers, checkpointing of only the layers PLAN says), fused AdamW. liger and ours split the global
   batch into micro-batches as PLAN says.
 - SEQ: tokens per row; the global batch is 4 rows (1 for qlora-7b).
 - PLAN: comma-separated mbN (rows per micro-batch, default all), gcN (checkpoint the first N layers; default none),
   compile / nocompile (torch.compile of each decoder layer; default on for ours only), ce=torch (ours: our PyTorch
   chunked loss instead of Liger's kernel), cmc=N (the Liger loss's chunk size factor, novelkit.models.chunked_loss),
-  acc=w (the Liger loss sums the head's gradient in the weight's dtype, not float32), sdpa=cudnn (cuDNN's attention
-  kernels first).
+  acc=w / acc=f32 (the Liger loss sums the head's gradient in the weight's dtype, the default, or in float32),
+  sdpa=cudnn (cuDNN's attention kernels first).
 - mix: WORKLOAD:naive-mix / ours-mix: real CSL title-generation lengths (bench/csl_lengths.json): naive pads each
   batch of 4 samples to its longest; ours packs samples into rows of SEQ tokens. Effective (non-padding) tokens/s.
 
@@ -140,8 +140,8 @@ def build(workload: str, loop: str, plan: dict, overrides: dict):
         chunked_loss.liger_linear_cross_entropy = lambda: None
     if plan["cmc"]:
         chunked_loss.LIGER_CHUNK = plan["cmc"]
-    if plan["acc"] == "w":
-        chunked_loss.LIGER_FLOAT32_SUM = False
+    if plan["acc"]:
+        chunked_loss.LIGER_FLOAT32_SUM = plan["acc"] == "f32"
     if plan["sdpa"] == "cudnn":  # cuDNN's attention first (Hopper kernels); the context stays on for the whole run
         from torch.nn.attention import SDPBackend, sdpa_kernel
         sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -167,8 +167,7 @@ def build(workload: str, loop: str, plan: dict, overrides: dict):
             checkpoint_some_layers(model, plan["gc"])
         if ours:
             on["chunked_loss"] = use_chunked_loss(model)
-            on["loss_kernel"] = "liger" if DEVICE == "cuda" and chunked_loss.liger_linear_cross_entropy() \
-                else "torch"
+            on["loss_kernel"] = chunked_loss.gpu_loss_kernel()
         on["compiled"] = compile_layers(model) if plan["compile"] else False
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -14,15 +14,15 @@ import pytest
 from PIL import Image
 
 from bench.analysis_scale import run_with_peak_rss, write_corpus
+from novelkit.analysis.plots import curves, histogram
+from novelkit.analysis.stats import DuplicateFinder, Fingerprint, LengthStats
 from novelkit.data.bookstream import stream_chapters
 from novelkit.data.chunking import split_chapters
-from novelkit.errors import DataError
 from novelkit.data.features import encode_sft
 from novelkit.data.formats import load_samples
-from novelkit.analysis.plots import curves, histogram
 from novelkit.data.readers import read_text
-from novelkit.analysis.stats import DuplicateFinder, Fingerprint, LengthStats
 from novelkit.data.templates import encode_sample, get_template
+from novelkit.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "Baichuan-Analysis" / "analyze_data.py"

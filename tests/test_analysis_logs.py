@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from novelkit.errors import DataError
 from novelkit.analysis.runlogs import read_run
+from novelkit.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "Baichuan-Analysis" / "analyze_logs.py"

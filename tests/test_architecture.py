@@ -25,6 +25,14 @@ def modules(package: Path) -> dict[str, Path]:
     return found
 
 
+def imported_module(node: ast.ImportFrom, package: list[str]) -> str:
+    """The module a `from … import` names, a relative one resolved against the importing module's package."""
+    if not node.level:
+        return node.module or ""
+    base = package[:len(package) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def imports(name: str, path: Path, known: dict) -> set[str]:
     """The package's modules that `name` imports, anywhere in the file."""
     is_package = path.name == "__init__.py"
@@ -35,11 +43,7 @@ def imports(name: str, path: Path, known: dict) -> set[str]:
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[:len(package) - node.level + 1]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
+            module = imported_module(node, package)
             targets = [f"{module}.{alias.name}" if f"{module}.{alias.name}" in known else module
                        for alias in node.names]
         else:
@@ -126,11 +130,7 @@ def unresolved_imports(package: Path, files) -> list[str]:
         parts = list(path.relative_to(package.parent).with_suffix("").parts) if inside else []
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = parts[:-1][:len(parts) - node.level]
-                    module = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    module = node.module or ""
+                module = imported_module(node, parts[:-1])
                 if module.split(".")[0] != package.name:
                     continue
                 if module not in known:

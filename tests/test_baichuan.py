@@ -18,9 +18,9 @@ from novelkit.models.baichuan import (
     register,
     tiny_config,
 )
+from novelkit.errors import ModelError
 from novelkit.models.baichuan.convert_to_llama import convert_to_llama, main as convert_main
 from novelkit.models.baichuan.modeling_baichuan import CACHE_KEY, NormHead
-from novelkit.errors import ModelError
 from tiny_baichuan import random_model
 
 FIXTURES = ["baichuan1-7b", "baichuan2-7b"]

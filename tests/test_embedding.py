@@ -18,12 +18,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from novelkit.data.chunking import chunk_book
-from novelkit.retrieval.embedding import Embedder
-from novelkit.errors import ConfigError, DataError, ModelError
 from novelkit.data.formats import to_sample
-from novelkit.retrieval.indexing import add_sources, embed_pending, read_documents
-from novelkit.models.loading import load_model
 from novelkit.data.readers import iter_records, read_text
+from novelkit.errors import ConfigError, DataError, ModelError
+from novelkit.models.loading import load_model
+from novelkit.retrieval.embedding import Embedder
+from novelkit.retrieval.indexing import add_sources, embed_pending, read_documents
 from novelkit.retrieval.recap import RECAP_HEADER, Retriever, add_recaps, recap_block, recap_for
 from novelkit.retrieval.vector_store import INDEX_FILE, META_FILE, VectorStore
 

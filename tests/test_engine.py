@@ -8,8 +8,8 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
                           RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                           TopPLogitsWarper)
 
-from novelkit.generation.engine import Detokenizer, Engine, Request
 from novelkit.generation import sampling
+from novelkit.generation.engine import Detokenizer, Engine, Request
 from novelkit.generation.sampling import Sampler, SamplingParams, penalize_repetition, warp
 from tests.tiny_baichuan import random_model
 
@@ -330,8 +330,8 @@ def test_the_compiled_decode_step_gives_the_same_tokens():
 
 
 def test_kv_cache_is_fitted_to_free_gpu_memory(monkeypatch):
-    from novelkit.generation.engine import fit_cache_in_memory
     from novelkit.errors import ConfigError
+    from novelkit.generation.engine import fit_cache_in_memory
 
     model = random_model("baichuan2-7b")  # 2 layers, 4 heads x 16 dims, fp32: 2 x 2 x 64 x 4 bytes per token
     per_slot = 2 * 2 * 64 * 4 * 100

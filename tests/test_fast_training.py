@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from tiny_baichuan import random_model
 
 import novelkit.models.chunked_loss as chunked_loss
+from novelkit.data.packing import PackedCollator, pack_rows
 from novelkit.models.chunked_loss import linear_cross_entropy
 from novelkit.training.fast_training import checkpoint_some_layers, decoder_layers, use_chunked_loss
-from novelkit.data.packing import PackedCollator, pack_rows
 
 
 @pytest.fixture

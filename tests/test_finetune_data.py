@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from entry_scripts import run_script
-from novelkit.errors import DataError
 from novelkit.data.formats import CSL_TITLE2ABSTRACT_PROMPT, load_samples
-from novelkit.training.sft_training import DataArguments, last_complete_checkpoint, load_sft_data
 from novelkit.data.tasks import opening, split_records, task_records
 from novelkit.data.templates import get_template
+from novelkit.errors import DataError
+from novelkit.training.sft_training import DataArguments, last_complete_checkpoint, load_sft_data
 
 ROOT = Path(__file__).resolve().parents[1]
 

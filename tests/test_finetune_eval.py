@@ -8,10 +8,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from novelkit.data.features import SFTCollator
-from novelkit.data.formats import load_samples
 from novelkit.data.features import encode_sft_dataset
-from novelkit.training.sft_training import DataArguments, SFTData, make_trainer
+from novelkit.data.formats import load_samples
 from novelkit.data.templates import get_template
+from novelkit.training.sft_training import DataArguments, SFTData, make_trainer
 
 VOCAB = 64_000
 LENGTH = 48  # every sample is cut to this many tokens, so every batch has the same shape

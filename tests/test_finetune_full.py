@@ -16,10 +16,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from entry_scripts import run_script
 from novelkit.data.features import SFTCollator
-from novelkit.data.formats import load_samples
-from novelkit.models.loading import load_model, load_tokenizer
 from novelkit.data.features import encode_sft_dataset
+from novelkit.data.formats import load_samples
 from novelkit.data.templates import default_template_name, get_template
+from novelkit.models.loading import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "Baichuan-Finetune"

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from novelkit.errors import DataError
 from novelkit.data.formats import FORMATS, Sample, detect_format, load_samples, to_sample
 from novelkit.data.readers import Record, iter_records
+from novelkit.errors import DataError
 
 PATH = "data/train.jsonl"
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from novelkit.models.loading import load_model, load_tokenizer
 from novelkit.data.readers import iter_records
+from novelkit.models.loading import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "Baichuan-Finetune-Lora"

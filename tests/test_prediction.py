@@ -1,5 +1,6 @@
-"""Prediction (novelkit.evaluation.prediction and the predict.py entries) on the embedded default model and real CSL / MSRA data:
-a run killed with -9 resumes to the same file as an uninterrupted one, submission mode, interactive streaming."""
+"""Prediction (novelkit.evaluation.prediction and the predict.py entries) on the embedded default model and real CSL /
+MSRA data: a run killed with -9 resumes to the same file as an uninterrupted one, submission mode, interactive
+streaming."""
 
 import io
 import json

@@ -14,11 +14,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from entry_scripts import run_script
 from novelkit.data.features import SFTCollator
+from novelkit.data.features import encode_sft_dataset
 from novelkit.data.formats import load_samples
+from novelkit.data.templates import default_template_name, get_template
 from novelkit.models.loading import load_model, load_tokenizer
 from novelkit.models.quantization import choose_optimizer, is_repacked_for_cpu, load_4bit_model, nf4_config
-from novelkit.data.features import encode_sft_dataset
-from novelkit.data.templates import default_template_name, get_template
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "Baichuan-Finetune-QLora"

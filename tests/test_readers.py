@@ -4,9 +4,9 @@ import json
 import pytest
 
 from novelkit.data import readers
-from novelkit.errors import DataError
 from novelkit.data.bookstream import stream_chapters
 from novelkit.data.readers import Book, Record, detect_encoding, iter_records, read_books, read_text
+from novelkit.errors import DataError
 
 
 def reencode(src, dst, encoding, newline="\n"):

@@ -1,4 +1,5 @@
-"""novelkit.evaluation.rouge: parity with rouge_chinese and rouge_score on real data, hand-computed cases, edge cases."""
+"""novelkit.evaluation.rouge: parity with rouge_chinese and rouge_score on real data, hand-computed cases, edge
+cases."""
 
 import random
 import re

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from novelkit.data.formats import Sample
+from novelkit.data.templates import default_template_name, encode_prompt, get_template
 from novelkit.generation.batch import generate_responses
 from novelkit.models.loading import load_model, load_tokenizer, write_base_fingerprint
-from novelkit.data.templates import default_template_name, encode_prompt, get_template
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-7f3a"

@@ -20,10 +20,10 @@ import torch
 import uvicorn
 
 from novelkit.data.formats import Sample
+from novelkit.data.readers import read_books, read_text
 from novelkit.generation.batch import generate_responses
 from novelkit.generation.worker import GenerationWorker
 from novelkit.models.loading import load_model, load_tokenizer
-from novelkit.data.readers import read_books, read_text
 from novelkit.serve.server import create_app
 from novelkit.synthesize.passages import (DEFAULT_MAX_CLASSICAL, DEFAULT_SYSTEM, ResultCache, Settings, book_passages,
                                 build_messages, classical_score, clean_summary, request_key, summary_problem)
@@ -288,7 +288,8 @@ def test_a_wrong_key_stops_the_run_with_one_line(books, ordinals, tmp_path):
 
 @pytest.fixture(scope="module")
 def our_server(default_model_dir):
-    """Our own server (novelkit.serve.server.create_app) on the tiny default model, in a thread on a free loopback port."""
+    """Our own server (novelkit.serve.server.create_app) on the tiny default model, in a thread on a free loopback
+    port."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared 2-core machine: two threads thrash
     model, tokenizer = load_model(str(default_model_dir)), load_tokenizer(str(default_model_dir))

@@ -133,9 +133,9 @@ def test_rating_lands_in_sqlite_and_summary(demo):
 
 
 def test_continuation_shows_retrieved_passages(default_model_dir, shared_data, tmp_path):
+    from novelkit.data.readers import read_text
     from novelkit.retrieval.embedding import Embedder
     from novelkit.retrieval.indexing import add_sources, embed_pending
-    from novelkit.data.readers import read_text
     from novelkit.retrieval.vector_store import VectorStore
 
     book = read_text(shared_data / "novels" / "hongloumeng.txt")[:3000]

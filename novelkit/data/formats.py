@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from novelkit.errors import ConfigError, DataError
 from novelkit.data.readers import Record, RecordStream, report_skipped
+from novelkit.errors import ConfigError, DataError
 
 CSL_TITLE2ABSTRACT_PROMPT = "根据标题生成中文学位论文摘要："
 CSL_ABSTRACT2TITLE_PROMPT = "为下面的论文摘要写一个标题："

@@ -278,12 +278,13 @@ class _pool:
     """A worker pool for more than one process, else nothing (tokenise in this process)."""
 
     def __init__(self, num_proc: int, load_tokenizer, tokenizer_dir: str):
-        self.num_proc, self.load_tokenizer, self.tokenizer_dir, self.pool = num_proc, load_tokenizer, tokenizer_dir, None
+        self.num_proc, self.pool = num_proc, None
+        self.worker_args = (load_tokenizer, tokenizer_dir)
 
     def __enter__(self):
         if self.num_proc > 1:
             ctx = multiprocessing.get_context("spawn")  # fork after torch threads start can deadlock
-            self.pool = ctx.Pool(self.num_proc, initializer=_init_worker, initargs=(self.load_tokenizer, self.tokenizer_dir))
+            self.pool = ctx.Pool(self.num_proc, initializer=_init_worker, initargs=self.worker_args)
         return self.pool
 
     def __exit__(self, *exc):

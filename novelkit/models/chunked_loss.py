@@ -45,6 +45,11 @@ def liger_linear_cross_entropy():
     return liger_fused_linear_cross_entropy
 
 
+def gpu_loss_kernel() -> str:
+    """Which kernel computes the loss here on a GPU: "liger", or "torch" (no GPU or no Liger)."""
+    return "liger" if torch.cuda.is_available() and liger_linear_cross_entropy() is not None else "torch"
+
+
 def uses_liger(hidden, z_loss_weight: float = 0.0) -> bool:
     """Whether linear_cross_entropy takes Liger's kernel for these inputs."""
     return hidden.is_cuda and not z_loss_weight and liger_linear_cross_entropy() is not None

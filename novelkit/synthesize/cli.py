@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from novelkit.data.readers import iter_books
 from novelkit.errors import ConfigError, DataError, exit_on_error
 from novelkit.outputs import write_jsonl_atomic
-from novelkit.data.readers import iter_books
 from novelkit.synthesize.passages import (DEFAULT_INSTRUCTION, DEFAULT_MAX_CLASSICAL, DEFAULT_REQUEST, DEFAULT_SYSTEM,
                                 DEFAULT_FEW_SHOT, Settings, book_passages, check_settings, load_few_shot, report,
                                 synthesize)

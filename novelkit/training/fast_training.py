@@ -1,8 +1,8 @@
 """The training fast path the fine-tuning and pretraining recipes switch on (docs/performance.md has the measurements):
 
-- `use_chunked_loss`: the loss straight from the hidden states, a chunk of tokens at a time (novelkit.models.chunked_loss,
-  through Liger-Kernel's fused kernel on a GPU where it is installed): no [batch, seq, vocab] float32 logits, which
-  frees gigabytes at a 125k-151k vocabulary;
+- `use_chunked_loss`: the loss straight from the hidden states, a chunk of tokens at a time
+  (novelkit.models.chunked_loss, through Liger-Kernel's fused kernel on a GPU where it is installed): no
+  [batch, seq, vocab] float32 logits, which frees gigabytes at a 125k-151k vocabulary;
 - `checkpoint_some_layers`: gradient checkpointing of the first N decoder layers only, so memory that the chunked loss
   freed buys back recomputation;
 - `compile_layers`: torch.compile of each decoder layer on the GPU (fuses RMSNorm, RoPE, SwiGLU and LoRA's elementwise
@@ -19,9 +19,9 @@ import sys
 
 import torch
 
-from ..models.chunked_loss import IGNORE_INDEX, is_partitioned, liger_linear_cross_entropy, linear_cross_entropy, \
-    shift_for_next_token
 from ..compile_cache import use_compile_cache
+from ..models.chunked_loss import (IGNORE_INDEX, gpu_loss_kernel, is_partitioned, linear_cross_entropy,
+                                   shift_for_next_token)
 
 
 def base_model(model):
@@ -97,7 +97,7 @@ def prepare_fast_training(model, *, compile: bool | None = None, checkpoint_laye
     """Everything above that applies to `model` (on its final device), with one log line saying what is on."""
     on = {"chunked_loss": use_chunked_loss(model)}
     if on["chunked_loss"]:  # which kernel computes it on the GPU (the model may still be on the CPU here)
-        on["loss_kernel"] = "liger" if torch.cuda.is_available() and liger_linear_cross_entropy() else "torch"
+        on["loss_kernel"] = gpu_loss_kernel()
     checkpoint_some_layers(model, checkpoint_layers)
     if checkpoint_layers >= 0:
         on["checkpoint_layers"] = checkpoint_layers

@@ -11,7 +11,8 @@ Beyond the original: batched left padding for every variant (RoPE positions coun
 distances between real tokens; Baichuan-13B's code ignored the mask), the transformers Cache API (DynamicCache),
 gradient checkpointing (of all layers or of some), torch's scaled_dot_product_attention in every mode, packed
 sequences (several samples in one row, told apart by position_ids restarting at 0, attending only within themselves),
-and an opt-in chunked loss that never makes the training logits (`chunked_loss = True`, see novelkit.models.chunked_loss).
+and an opt-in chunked loss that never makes the training logits (`chunked_loss = True`, see
+novelkit.models.chunked_loss).
 """
 
 from __future__ import annotations
