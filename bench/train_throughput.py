@@ -219,10 +219,37 @@ def pad_tokens(batch) -> int:
     return int((ids == 0).sum())
 
 
+KERNEL_KINDS = (("matmul", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
+                ("attention", ("flash", "fmha", "sdpa", "attention")),
+                ("loss (Liger)", ("liger", "cross_entropy", "element_mul")),
+                ("optimizer", ("adam", "multi_tensor_apply")),
+                ("compiled layers' fused elementwise", ("triton_",)))
+
+
+def kernel_kinds(prof) -> str:
+    """GPU time by kind of kernel (matmul, attention, loss, optimizer, fused elementwise, the rest): where a step goes."""
+    totals: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        # kernels have device time and no CPU time of their own; GPU-side annotations (Optimizer.step, autograd
+        # functions' names) span kernels already counted
+        if e.self_cpu_time_total or not us or getattr(e, "is_user_annotation", False):
+            continue
+        name = e.key.lower()
+        kind = next((k for k, marks in KERNEL_KINDS if any(m in name for m in marks)), "other (copies, elementwise)")
+        totals[kind] = totals.get(kind, 0.0) + us / 1000
+    if not totals:  # a CPU run: no device kernels
+        return ""
+    whole = sum(totals.values())
+    return "\n".join(f"{k:40s} {ms:9.1f} ms {ms / whole:6.1%}" for k, ms in sorted(totals.items(), key=lambda x: -x[1])) \
+        + f"\n{'GPU kernels in all':40s} {whole:9.1f} ms\n"
+
+
 def kernel_table(prof, rows: int = 25) -> str:
-    """The profiler's busiest GPU kernels (self time), as text."""
-    return prof.key_averages().table(sort_by="self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total",
-                                     row_limit=rows, max_name_column_width=70)
+    """The profiler's busiest GPU kernels (self time), as text, after the time by kind of kernel."""
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total",
+                                      row_limit=rows, max_name_column_width=70)
+    return kernel_kinds(prof) + "\n" + table
 
 
 def run_one(spec: str, steps: int, warmup: int, overrides: dict, profile_dir: str = "") -> dict:
@@ -245,7 +272,8 @@ def run_one(spec: str, steps: int, warmup: int, overrides: dict, profile_dir: st
     losses, times, real_tokens, slots = [], [], 0, 0
     profiler = None
     for step, batch in enumerate(batches[:steps]):
-        if profile_dir and step == steps - 1:  # the last step, after everything has compiled and warmed up
+        profiled = profile_dir and step == steps - 1  # the last step, after everything has compiled and warmed up
+        if profiled:
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
                                               + [torch.profiler.ProfilerActivity.CUDA] * (DEVICE == "cuda"))
             profiler.__enter__()
@@ -271,7 +299,7 @@ def run_one(spec: str, steps: int, warmup: int, overrides: dict, profile_dir: st
             name = spec.replace(":", "_").replace(",", "-")
             Path(profile_dir, f"profile_{name}.txt").write_text(kernel_table(profiler))
             profiler = None
-        if step >= warmup:
+        if step >= warmup and not profiled:  # the profiler's own overhead stays out of the numbers
             labels = batch["labels"]
             if loop.endswith("-mix"):  # every sample token, prompt included, as a padding-free run would process
                 real_tokens += int((batch["position_ids"] >= 0).sum()) - int(pad_tokens(batch)) \
@@ -279,12 +307,13 @@ def run_one(spec: str, steps: int, warmup: int, overrides: dict, profile_dir: st
             else:
                 real_tokens += labels.numel()
             slots += labels.numel()
-    timed = sum(times[warmup:])
+    timed_steps = times[warmup:len(times) - bool(profile_dir)]
+    timed = sum(timed_steps)
     result = {
         "run": spec, "workload": workload, "loop": loop, "seq": seq, "plan": parts[3] if len(parts) > 3 else "",
         "params": params, "steps": len(times), "warmup": warmup, "on": on,
         "tokens_per_s": real_tokens / timed, "slot_tokens_per_s": slots / timed,
-        "step_s_median": statistics.median(times[warmup:]), "first_step_s": times[0],
+        "step_s_median": statistics.median(timed_steps), "first_step_s": times[0],
         "peak_gib": peak_gib(), "losses": losses,
     }
     result["mfu"] = 6 * params * result["slot_tokens_per_s"] / PEAK_FLOPS

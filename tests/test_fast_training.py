@@ -247,3 +247,23 @@ def test_packed_collator_pads_training_rows_to_the_width_and_eval_rows_to_their_
     unpacked = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}])
     assert unpacked["input_ids"].shape == (2, 3)
     assert unpacked["labels"][1].tolist() == [8, -100, -100]
+
+
+def test_an_epochs_short_last_batch_keeps_the_training_shape_and_its_loss():
+    """The last batch of packed rows is padded with empty rows to the batch size (no recompilation of the compiled
+    layers), and those rows change neither the summed loss nor the gradient."""
+    row = {"input_ids": [5, 6, 7, 9], "labels": [-100, 6, 7, 9], "position_ids": [0, 1, 0, 1]}
+    short, full = PackedCollator(0, width=8)([row]), PackedCollator(0, width=8, rows=4)([row])
+    assert short["input_ids"].shape == (1, 8) and full["input_ids"].shape == (4, 8)
+    assert (full["labels"][1:] == -100).all() and full["position_ids"][3].tolist() == list(range(8))
+    assert PackedCollator(0, rows=4)([{"input_ids": [5], "labels": [5]}])["input_ids"].shape == (1, 1)  # eval rows
+    model, grads = tiny_qwen2(), []
+    for batch in (short, full):
+        model.zero_grad()
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(),
+                                                 batch["labels"][:, 1:].flatten(), reduction="sum")
+        loss.backward()
+        grads.append((loss.item(), model.lm_head.weight.grad.clone()))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-4 * abs(grads[0][0])
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)

@@ -47,18 +47,23 @@ def pack_rows(samples: list[dict], capacity: int) -> list[dict]:
 
 @dataclasses.dataclass
 class PackedCollator:
-    """Right-pads packed rows to `width` tokens (the packing capacity: every training batch has the same shape, so
-    compiled layers never recompile), or to the batch's longest when `width` is 0 or the rows are not packed (eval). The padding is a sample of its own
-    (positions from 0, labels ignored); there is no attention_mask, so the models read the sample boundaries from
-    position_ids. A row without position_ids (an unpacked eval sample) is one sample. `use_cache=False` goes with the
-    batch: transformers models look for packed samples only when no cache is being filled."""
+    """Right-pads packed rows to `width` tokens (the packing capacity), and a batch of packed rows to `rows` rows with
+    empty ones (an epoch's last batch is usually short): every training batch has the same shape, so compiled layers
+    never recompile (a recompile costs seconds; an empty row, one row of compute once an epoch, adds nothing to the
+    loss). Unpacked rows (eval) pad to the batch's longest. The padding is a sample of its own (positions from 0,
+    labels ignored); there is no attention_mask, so the models read the sample boundaries from position_ids. A row
+    without position_ids (an unpacked eval sample) is one sample. `use_cache=False` goes with the batch: transformers
+    models look for packed samples only when no cache is being filled."""
 
     pad_token_id: int
     width: int = 0
+    rows: int = 0
 
     def __call__(self, rows: list[dict]) -> dict:
         packed = any("position_ids" in r for r in rows)
         width = max(self.width if packed else 0, *(len(r["input_ids"]) for r in rows))
+        if packed and len(rows) < self.rows:
+            rows = list(rows) + [{"input_ids": [], "labels": [], "position_ids": []}] * (self.rows - len(rows))
         batch = {"input_ids": [], "labels": [], "position_ids": []}
         for r in rows:
             pad = width - len(r["input_ids"])
