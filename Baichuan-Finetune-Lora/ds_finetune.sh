@@ -23,6 +23,9 @@ GRAD_ACCUM=${GRAD_ACCUM:-1}
 BF16=${BF16:-$(python -c 'import torch as t; print(str(t.cuda.is_available() and t.cuda.is_bf16_supported()).lower())')}
 EVAL_STEPS=${EVAL_STEPS:-0.2}                       # evaluate (and save) every N steps; below 1: that share of all
 EVAL_SAMPLES=${EVAL_SAMPLES:-16}                    # dev samples generated for ROUGE at each evaluation; 0: loss only
+BEST_METRIC=${BEST_METRIC:-auto}                    # output = the best checkpoint by: auto (rouge-l; the dev loss
+                                                    # with EVAL_SAMPLES=0), loss, rouge-1/2/l, ner_f1; last: last step
+PATIENCE=${PATIENCE:-3}                             # stop after this many evaluations without a better one; 0: never
 DS_CONFIG=${DS_CONFIG:-}                            # ds_zero{2,3}[_offload].json beside this script; empty: none
 NUM_GPUS=${NUM_GPUS:-}                              # GPUs per node (empty: all); without a GPU: CPU processes
 HOSTFILE=${HOSTFILE:-}                              # several nodes: one "host slots=GPUs" line each (README)
@@ -36,5 +39,6 @@ launch "$ROOT/Baichuan-Finetune-Lora/finetune.py" \
   --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size "$BATCH" \
   --gradient_accumulation_steps "$GRAD_ACCUM" --bf16 "$BF16" --lr_scheduler_type cosine --warmup_steps 0.05 \
   --logging_steps 5 --eval_strategy steps --eval_steps "$EVAL_STEPS" --eval_samples "$EVAL_SAMPLES" \
+  --best_metric "$BEST_METRIC" --patience "$PATIENCE" \
   --save_strategy steps --save_steps "$EVAL_STEPS" --save_total_limit 2 --report_to tensorboard \
   "$@"

@@ -26,6 +26,9 @@ BF16=${BF16:-$(python -c 'import torch as t; print(str(t.cuda.is_available() and
 GRAD_CKPT=${GRAD_CKPT:-true}
 EVAL_STEPS=${EVAL_STEPS:-0.2}                       # evaluate (and save) every N steps; below 1: that share of all
 EVAL_SAMPLES=${EVAL_SAMPLES:-16}                    # dev samples generated for ROUGE at each evaluation; 0: loss only
+BEST_METRIC=${BEST_METRIC:-auto}                    # output = the best checkpoint by: auto (rouge-l; the dev loss
+                                                    # with EVAL_SAMPLES=0), loss, rouge-1/2/l, ner_f1; last: last step
+PATIENCE=${PATIENCE:-3}                             # stop after this many evaluations without a better one; 0: never
 DS_CONFIG=${DS_CONFIG:-}                            # ds_zero{2,3}[_offload].json beside this script; empty: none
 NUM_GPUS=${NUM_GPUS:-}                              # GPUs per node (empty: all); without a GPU: CPU processes
 HOSTFILE=${HOSTFILE:-}                              # several nodes: one "host slots=GPUs" line each (README)
@@ -40,5 +43,6 @@ launch "$ROOT/Baichuan-Finetune-QLora/finetune.py" \
   --gradient_accumulation_steps "$GRAD_ACCUM" --bf16 "$BF16" --gradient_checkpointing "$GRAD_CKPT" \
   --lr_scheduler_type constant --warmup_steps 0.03 --max_grad_norm 0.3 --logging_steps 5 \
   --eval_strategy steps --eval_steps "$EVAL_STEPS" --eval_samples "$EVAL_SAMPLES" \
+  --best_metric "$BEST_METRIC" --patience "$PATIENCE" \
   --save_strategy steps --save_steps "$EVAL_STEPS" --save_total_limit 2 --report_to tensorboard \
   "$@"

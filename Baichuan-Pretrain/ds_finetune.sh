@@ -17,6 +17,9 @@ CLEAN_PATTERNS=${CLEAN_PATTERNS:-}               # file of extra boilerplate reg
 MAX_LENGTH=${MAX_LENGTH:-2048}
 OUTPUT_DIR=${OUTPUT_DIR:-output/pretrain}        # checkpoints + final model; reruns resume from here
 EPOCHS=${EPOCHS:-1}
+BEST_METRIC=${BEST_METRIC:-auto}                 # auto: the output is the model of the lowest held-out loss; last:
+                                                 # the last step's
+PATIENCE=${PATIENCE:-3}                          # stop after this many evaluations without a lower one; 0: never
 LR=${LR:-3e-4}
 BATCH=${BATCH:-1}
 GRAD_ACCUM=${GRAD_ACCUM:-1}
@@ -33,4 +36,5 @@ launch "$ROOT/Baichuan-Pretrain/pretrain.py" \
   --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size "$BATCH" \
   --gradient_accumulation_steps "$GRAD_ACCUM" --lr_scheduler_type cosine --warmup_steps 0.02 --weight_decay 0.1 \
   --logging_steps 10 --eval_strategy steps --eval_steps 200 --save_strategy steps --save_steps 200 \
+  --best_metric "$BEST_METRIC" --patience "$PATIENCE" \
   --save_total_limit 3 --report_to tensorboard "$@"

@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared packa
 # novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
 from novelkit.errors import ConfigError, exit_on_error
+from novelkit.training.best_checkpoint import (BestCheckpointArguments, best_metric_name, keep_best_checkpoint,
+                                               report_best)
 from novelkit.training.fast_training import prepare_fast_training
 from novelkit.models.loading import load_model, load_tokenizer, max_positions, resolve_model_path
 from novelkit.data.pretraining import (CleaningRules, build_token_cache, iter_corpus_books, load_patterns,
@@ -24,11 +26,11 @@ from novelkit.training.zero import join_cpu_processes, prepare_resume
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
 
 @dataclass
-class ScriptArguments:
+class ScriptArguments(BestCheckpointArguments):
     corpus: str = field(default="data_examples/novels", metadata={"help": ".txt novels (file or folder) or JSONL"})
     model_path: str = field(default="", metadata={"help": "model to continue; empty with no model_config = default"})
     model_config: str = field(default="", metadata={"help": "JSON config to train from scratch (see configs/)"})
@@ -116,7 +118,9 @@ def main():
     train, dev = train_eval_blocks(cache, args.max_length, 0.0 if eval_books else args.eval_fraction)
     print(f"[pretrain] {len(train)} training blocks, {len(dev) if dev else 0} eval blocks of {args.max_length} tokens")
     if dev is None:
-        targs.eval_strategy = "no"
+        targs.eval_strategy = IntervalStrategy.NO
+    callbacks = keep_best_checkpoint(targs, best_metric_name(args.best_metric, ("loss",)), args.patience,
+                                     asked=args.best_metric != "auto")
 
     # 3. train, resuming from the last checkpoint (same data order: the Trainer replays the sampler's seed); on a GPU
     #    with the fast path: loss without whole logits, compiled decoder layers (novelkit/training/fast_training.py)
@@ -126,12 +130,13 @@ def main():
         prepare_fast_training(model, compile=False if targs.deepspeed else None, tag="pretrain")
     trainer = PretrainTrainer(model=model, args=targs, train_dataset=train, eval_dataset=dev,
                               processing_class=tokenizer, compute_metrics=token_accuracy,
-                              preprocess_logits_for_metrics=argmax_logits)
+                              preprocess_logits_for_metrics=argmax_logits, callbacks=callbacks)
     last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
     if last:
         print(f"[pretrain] resuming from {last}", flush=True)
         prepare_resume(trainer, last)  # a DeepSpeed checkpoint from another number of GPUs: its universal form
     trainer.train(resume_from_checkpoint=last)
+    report_best(trainer, "pretrain")  # the best held-out loss's model is the one saved below
 
     # 4. save a plain model folder (from_pretrained loads it) with its tokenizer
     trainer.save_model(str(out_dir))

@@ -345,10 +345,13 @@ def check_trained(folder: Path, steps: int, weights: str, rouge: bool = True):
             return "did not resume from the killed run's checkpoint"
         if not (folder / weights).exists():
             return f"no {weights} in the output"
-        state = trainer_state(folder)
-        if state.get("global_step") != steps:
-            return f"stopped at step {state.get('global_step')}, not {steps}"
-        history = state.get("log_history", [])
+        best = folder / "best_checkpoint.json"  # which step's model is the output (novelkit/training/best_checkpoint)
+        if not best.exists():
+            return "no best_checkpoint.json"
+        summary = json.loads(best.read_text())
+        if summary["last_step"] != steps and not summary["stopped_early"]:
+            return f"stopped at step {summary['last_step']}, not {steps}, and not by early stopping"
+        history = trainer_state(folder).get("log_history", [])  # the newest checkpoint left: the last or the best
         if not any("eval_loss" in h for h in history):
             return "no evaluation ran"
         if rouge and not any("eval_rouge-1" in h for h in history):

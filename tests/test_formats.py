@@ -40,7 +40,7 @@ def assert_error_at(excinfo, path, line, *words):
         (
             "alpaca",
             {"instruction": "翻译", "input": "你好", "output": "hello"},
-            Sample("翻译\n你好", "hello", meta=meta()),
+            Sample("翻译\n你好", "hello", meta=meta(source="你好")),
         ),
         ("alpaca", {"instruction": "写诗", "input": "", "output": "床前明月光"}, Sample("写诗", "床前明月光", meta=meta())),
         ("alpaca", {"instruction": "写诗", "output": "床前"}, Sample("写诗", "床前", meta=meta())),
@@ -100,24 +100,25 @@ def assert_error_at(excinfo, path, line, *words):
         (
             "csl_title2abstract",
             {"title": "论文题目", "text": "摘要内容"},
-            Sample("根据标题生成中文学位论文摘要：论文题目", "摘要内容", meta=meta()),
+            Sample("根据标题生成中文学位论文摘要：论文题目", "摘要内容", meta=meta(source="论文题目")),
         ),
         (
             "csl_title2abstract",
             {"task": "to title", "abstract": "摘要内容", "title": "论文题目"},
-            Sample("根据标题生成中文学位论文摘要：论文题目", "摘要内容", meta=meta()),
+            Sample("根据标题生成中文学位论文摘要：论文题目", "摘要内容", meta=meta(source="论文题目")),
         ),
         (
             "csl_abstract2title",
             {"task": "to title", "abstract": "摘要内容", "title": "论文题目"},
-            Sample("为下面的论文摘要写一个标题：摘要内容", "论文题目", meta=meta()),
+            Sample("为下面的论文摘要写一个标题：摘要内容", "论文题目", meta=meta(source="摘要内容")),
         ),
         (
             "csl_abstract2title",
             {"title": "论文题目", "text": "摘要内容"},
-            Sample("为下面的论文摘要写一个标题：摘要内容", "论文题目", meta=meta()),
+            Sample("为下面的论文摘要写一个标题：摘要内容", "论文题目", meta=meta(source="摘要内容")),
         ),
-        ("lcsts", {"title": "标题", "text": "新闻正文"}, Sample("为下面的新闻写一个标题：新闻正文", "标题", meta=meta())),
+        ("lcsts", {"title": "标题", "text": "新闻正文"}, Sample("为下面的新闻写一个标题：新闻正文", "标题",
+                                                                 meta=meta(source="新闻正文"))),
     ],
 )
 def test_to_sample(fmt, data, expected):
@@ -263,7 +264,7 @@ def test_real_files_are_detected(shared_data, name, fmt, count):
     assert samples.format == fmt and len(samples) == count and samples.skipped == 0
     first = next(iter(iter_records(path)))
     assert samples[0] == to_sample(first, fmt)
-    assert samples[0].meta == {"path": str(path), "line": 1}
+    assert (samples[0].meta["path"], samples[0].meta["line"]) == (str(path), 1)
 
 
 def test_real_csl_sample_contents(shared_data):

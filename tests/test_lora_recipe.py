@@ -1,6 +1,7 @@
 """Baichuan-Finetune-Lora end to end on the embedded default model and real CSL data: train, predict, merge, resume."""
 
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -81,6 +82,10 @@ def test_predict_writes_predictions_and_metrics(trained, csl_files):
         assert set(metrics[key]) == {"rouge-1", "rouge-2", "rouge-l"}
         assert all(0 <= metrics[key][m][s] <= 1 for m in metrics[key] for s in "prf")
     assert "| metric | P | R | F |" in log and "| rouge-l |" in log  # the markdown table is printed
+    # beside the model, what copying the input (the title) scores on the same references
+    n = int(statistics.median(len(r["output"]) for r in dev))
+    assert set(metrics["baselines"]) == {f"lead-{n}", "source"}
+    assert f"| lead-{n} (copy its first {n} characters) |" in log and metrics["verdict"] in log
     assert_no_dependency_noise(log)
 
 
@@ -177,3 +182,40 @@ def test_packed_training_learns(csl_files, tmp_path, default_model_dir):
     assert "fast path: chunked_loss=True" in log
     loss, step = losses(out / "checkpoint-8")
     assert step == 8 and sum(loss[-3:]) / 3 < sum(loss[:3]) / 3, loss
+
+
+def test_the_best_checkpoint_is_the_output_and_training_stops_when_the_dev_loss_rises(tmp_path, default_model_dir):
+    """Training answers are one fixed text, the dev answers another for the same prompts: once the adapter has learned
+    the answers' shape, the more it learns the higher the dev loss. The lowest evaluation's adapter is the output,
+    training stops after --patience evaluations without a lower loss, and a rerun resumes with the patience count
+    and stops at its next evaluation."""
+    prompts = [f"第{i}个问题：今天写什么？" for i in range(24)]
+    for name, answer in (("train", "甲乙丙丁甲乙丙丁"), ("dev", "戊己庚辛戊己庚辛")):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"instruction": p, "output": answer},
+                                                                   ensure_ascii=False) + "\n" for p in prompts))
+    out = tmp_path / "out"
+    args = ["--data", tmp_path / "train.jsonl", "--dev", tmp_path / "dev.jsonl", "--output_dir", out,
+            "--max_length", 64, "--max_steps", 40, "--learning_rate", 3e-3, "--per_device_train_batch_size", 8,
+            "--eval_strategy", "steps", "--eval_steps", 2, "--save_strategy", "steps", "--save_steps", 2,
+            "--save_total_limit", 2, "--eval_samples", 0, "--patience", 2, "--report_to", "none"]
+    log = run("finetune.py", *args, cwd=ROOT)
+    best = json.loads((out / "best_checkpoint.json").read_text())
+    steps, values = zip(*((e["step"], e["value"]) for e in best["evaluations"]))
+    low = steps[values.index(min(values))]
+    assert best["metric"] == "eval_loss" and best["best_step"] == low and best["best_value"] == min(values)
+    assert values[-2:] > (min(values),) * 2  # the two evaluations after the best were worse ...
+    assert best["stopped_early"] and best["last_step"] == low + 4 == steps[-1] < 40  # ... so it stopped there
+    assert f"[lora] best model: step {low}, eval_loss" in log and f"stopped early at step {low + 4} of 40" in log
+    # the output is the best checkpoint's adapter (kept by the checkpoint rotation), not the last step's
+    saved = load_file(out / "adapter_model.safetensors")
+    best_weights, last_weights = (load_file(out / f"checkpoint-{n}" / "adapter_model.safetensors")
+                                  for n in (low, low + 4))
+    assert all(torch.equal(saved[k], best_weights[k]) for k in saved)
+    assert not all(torch.equal(saved[k], last_weights[k]) for k in saved)
+
+    log = run("finetune.py", *args, cwd=ROOT)  # the rerun resumes with 2 evaluations already without improvement
+    again = json.loads((out / "best_checkpoint.json").read_text())
+    assert f"resuming from {out / f'checkpoint-{low + 4}'}" in log and again["best_step"] == low
+    if again["evaluations"][-1]["value"] >= min(values):  # no new best at its first evaluation: it stops there
+        assert again["last_step"] == low + 6 and again["stopped_early"]
+    assert all(torch.equal(load_file(out / "adapter_model.safetensors")[k], best_weights[k]) for k in saved)

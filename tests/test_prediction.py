@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -17,11 +18,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from entry_scripts import run_script
 from novelkit.errors import ConfigError, DataError
-from novelkit.data.formats import Sample
+from novelkit.data.formats import Sample, to_sample
 from novelkit.generation.batch import generate_responses
 from novelkit.models.loading import write_base_fingerprint
 from novelkit.evaluation.prediction import (PredictionLog, generation_settings, load_for_prediction, prediction_parser,
-                                 predict_file, read_data, score_responses)
+                                 predict_file, read_data, score_baselines, score_responses, baseline_verdict)
 from novelkit.data.readers import iter_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,3 +173,21 @@ def test_adapter_for_another_base_is_a_one_line_error(tmp_path, default_model_di
                       "--data_file", tmp_path / "none.json", "--only_cpu")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith(f"error: adapter {tmp_path / 'adapter'} was made for another base model")
+
+
+def test_baselines_copy_the_document_not_the_instruction(shared_data):
+    """lead-N copies the first N characters (N = the references' median length) of the abstract or news text inside
+    the prompt, not the instruction before it; the values are ROUGE of those copies."""
+    records = [r for r, _ in zip(iter_records(shared_data / "csl" / "clge_val.tsv"), range(9))]
+    samples = [to_sample(r, "csl_abstract2title") for r in records]
+    assert all(s.source in s.prompt and s.prompt != s.source for s in samples)
+    refs = [s.response for s in samples]
+    n = int(statistics.median(len(r) for r in refs))
+    baselines = score_baselines(samples, refs)
+    lead = score_responses([s.source[:n] for s in samples], refs)
+    assert baselines[f"lead-{n}"]["rouge-chinese/char"] == lead["rouge-chinese/char"]
+    assert 0 < baselines[f"lead-{n}"]["rouge-chinese/char"]["rouge-1"]["f"] < 1
+    # the verdict: the references themselves beat copying; the lead-N copy itself does not
+    assert "beats copying" in baseline_verdict({**score_responses(refs, refs), "baselines": baselines})
+    assert "does NOT beat" in baseline_verdict({**lead, "baselines": baselines})
+    assert score_baselines(samples, [""] * len(samples)) == {}  # nothing to score against (a test file)

@@ -120,15 +120,22 @@ def test_loss_falls_and_adapter_keeps_learning_after_evaluation(trained):
     assert len(loss) == 8 and sum(loss[-2:]) / 2 < sum(loss[:2]) / 2, loss
     assert [h["step"] for h in state["log_history"] if "eval_rouge-l" in h] == [4, 8]  # loss pass + generation
     after_eval = load_file(trained / "checkpoint-4" / "adapter_model.safetensors")  # saved right after step 4's eval
-    final = load_file(trained / "adapter_model.safetensors")
-    assert after_eval.keys() == final.keys() and any("lora_A" in k for k in final)
-    unchanged = [k for k in final if torch.equal(final[k], after_eval[k])]
+    last = load_file(trained / "checkpoint-8" / "adapter_model.safetensors")
+    assert after_eval.keys() == last.keys() and any("lora_A" in k for k in last)
+    unchanged = [k for k in last if torch.equal(last[k], after_eval[k])]
     assert not unchanged, unchanged
+    # the output is the best evaluation's checkpoint
+    best = json.loads((trained / "best_checkpoint.json").read_text())["best_step"]
+    final = load_file(trained / "adapter_model.safetensors")
+    kept = load_file(trained / f"checkpoint-{best}" / "adapter_model.safetensors")
+    assert all(torch.equal(final[k], kept[k]) for k in final)
 
 
-def test_saved_adapter_gives_the_trainers_last_eval_loss(trained, csl):
+def test_saved_adapter_gives_the_best_evaluations_loss(trained, csl):
+    """Reloaded in 4 bits, the saved adapter gives the dev loss the Trainer logged at the best evaluation."""
     state = json.loads((trained / "checkpoint-8" / "trainer_state.json").read_text())
-    last_eval = [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h][-1]
+    best = json.loads((trained / "best_checkpoint.json").read_text())["best_step"]
+    last_eval = [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h and h["step"] == best][-1]
     tokenizer = load_tokenizer(str(trained))
     model = load_4bit_model(None, device="cpu", adapter=str(trained)).eval()
     template = get_template(default_template_name(tokenizer, model.config))

@@ -24,7 +24,13 @@ class Sample:
     response: str
     system: str = ""
     history: list[tuple[str, str]] = field(default_factory=list)  # earlier (user, assistant) turns, oldest first
-    meta: dict = field(default_factory=dict)  # path, line, and e.g. name for novels
+    meta: dict = field(default_factory=dict)  # path, line; name for novels; source: the document inside the prompt
+
+    @property
+    def source(self) -> str:
+        """The text the prompt asks about (an abstract, a news text, an alpaca `input`), without the instruction
+        around it; the whole prompt where the record has no such part. What a copying baseline copies."""
+        return self.meta.get("source", self.prompt)
 
 
 class Samples(list):
@@ -101,7 +107,7 @@ def _alpaca(record: Record) -> Sample:
         response=_string(record, "output"),
         system=_optional_string(record, "system"),
         history=_alpaca_history(record),
-        meta=_meta(record),
+        meta=_meta(record, **({"source": extra_input} if extra_input else {})),
     )
 
 
@@ -133,18 +139,20 @@ def _abstract(record: Record) -> str:
 
 
 def _csl_title2abstract(record: Record) -> Sample:
-    prompt = CSL_TITLE2ABSTRACT_PROMPT + _string(record, "title")
-    return Sample(prompt=prompt, response=_abstract(record), meta=_meta(record))
+    source = _string(record, "title")
+    return Sample(prompt=CSL_TITLE2ABSTRACT_PROMPT + source, response=_abstract(record),
+                  meta=_meta(record, source=source))
 
 
 def _csl_abstract2title(record: Record) -> Sample:
-    prompt = CSL_ABSTRACT2TITLE_PROMPT + _abstract(record)
-    return Sample(prompt=prompt, response=_string(record, "title"), meta=_meta(record))
+    source = _abstract(record)
+    return Sample(prompt=CSL_ABSTRACT2TITLE_PROMPT + source, response=_string(record, "title"),
+                  meta=_meta(record, source=source))
 
 
 def _lcsts(record: Record) -> Sample:
-    prompt = LCSTS_PROMPT + _string(record, "text")
-    return Sample(prompt=prompt, response=_string(record, "title"), meta=_meta(record))
+    source = _string(record, "text")
+    return Sample(prompt=LCSTS_PROMPT + source, response=_string(record, "title"), meta=_meta(record, source=source))
 
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}

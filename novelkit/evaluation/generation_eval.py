@@ -39,16 +39,25 @@ class GenerationEvaluator:
 
 
 class GenerationEvalTrainer(Trainer):
-    """A Trainer whose evaluation also logs the evaluator's metrics (TensorBoard, trainer_state.json, console)."""
+    """A Trainer whose evaluation of its dev set also has the evaluator's metrics, beside the loss: logged together
+    (TensorBoard, trainer_state.json, console) and seen by the callbacks and the best-checkpoint choice."""
 
     def __init__(self, *args, evaluator: GenerationEvaluator | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.evaluator = evaluator
+        self._generating = False
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.evaluator is not None and eval_dataset is None and self.evaluator.samples:
-            generated = {f"{metric_key_prefix}_{k}": v for k, v in self.evaluator(self.model).items()}
-            self.log(generated)
-            metrics.update(generated)
-        return metrics
+        self._generating = eval_dataset is None  # the dev set's own evaluation, not a set passed in
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._generating = False
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        # here, not after evaluate(): evaluate() hands its metrics to the callbacks (early stopping) before returning
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self._generating and self.evaluator is not None and self.evaluator.samples:
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.evaluator(self.model).items()})
+        return output

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from ..generation.batch import generate_each, generation_kwargs
 from ..models.loading import adapter_base_path, load_model, load_tokenizer
 from ..outputs import write_json_atomic, write_jsonl_atomic
 from .ner_metrics import entity_scores, is_ner_answer
-from .rouge import DEFINITIONS, LEVELS, corpus_rouge, rouge_table
+from .rouge import DEFINITIONS, LEVELS, METRICS, corpus_rouge, rouge_table
 
 RESPONSE_FIELDS = {"alpaca": "output", "instruct": "answer", "input_label": "label"}  # filled in submission mode
 
@@ -195,6 +196,45 @@ def score_responses(responses: list[str], references: list[str]) -> dict:
     return scores
 
 
+def score_baselines(samples, references: list[str]) -> dict:
+    """What copying the input scores on the same references: lead-N (the first N characters of each sample's source
+    text, N = the references' median length in characters) and the whole source. A model that does not beat these
+    has learned less than copying."""
+    pairs = [(s.source, r) for s, r in zip(samples, references) if r.strip()]
+    if not pairs:
+        return {}
+    n = int(statistics.median(len(r.strip()) for _, r in pairs))
+    baselines = {}
+    for name, hyps in ((f"lead-{n}", [src[:n] for src, _ in pairs]), ("source", [src for src, _ in pairs])):
+        baselines[name] = {f"{d}/{level}": corpus_rouge(hyps, [r for _, r in pairs], level=level, definition=d)
+                           for d in DEFINITIONS for level in LEVELS}
+    return baselines
+
+
+def baseline_table(metrics: dict) -> str:
+    """The model's ROUGE F beside the copying baselines', in words (jieba) and characters (rouge-chinese)."""
+    columns = [(level, m) for level in ("word", "char") for m in METRICS]
+    lines = ["| | " + " | ".join(f"{m} F ({'words' if level == 'word' else 'chars'})" for level, m in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    rows = [("model", metrics)] + [(f"{name} (copy the input)" if name == "source" else
+                                    f"{name} (copy its first {name[5:]} characters)", scores)
+                                   for name, scores in metrics["baselines"].items()]
+    for name, scores in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{scores[f'rouge-chinese/{level}'][m]['f'] * 100:.2f}"
+                                               for level, m in columns) + " |")
+    return "\n".join(lines)
+
+
+def baseline_verdict(metrics: dict) -> str:
+    """One line: does the model beat the best copying baseline on ROUGE-L F (characters)?"""
+    model = metrics["rouge-chinese/char"]["rouge-l"]["f"]
+    name, best = max(((n, b["rouge-chinese/char"]["rouge-l"]["f"]) for n, b in metrics["baselines"].items()),
+                     key=lambda x: x[1])
+    gap = (model - best) * 100
+    return (f"the model {'beats' if gap > 0 else 'does NOT beat'} copying ({name}) by {gap:+.2f} points of "
+            f"ROUGE-L F (characters): {model * 100:.2f} against {best * 100:.2f}")
+
+
 def check_submission(path: str, fmt: str, overwrite: bool) -> str:
     """The field to fill; refuses to replace an existing file unless asked (checked before any generation)."""
     if fmt not in RESPONSE_FIELDS:
@@ -233,6 +273,9 @@ def predict_file(model, tokenizer, template, args, records=None, samples=None, f
                **score_responses(responses, [s.response for s in samples])}
     if "rouge-chinese/word" in metrics:
         metrics["table"] = rouge_table(metrics["rouge-chinese/word"])
+        if "ner" not in metrics:  # copying the input is no answer to NER
+            metrics["baselines"] = score_baselines(samples, [s.response for s in samples])
+            metrics["baseline_table"], metrics["verdict"] = baseline_table(metrics), baseline_verdict(metrics)
     write_json_atomic(predictions.parent / "metrics.json", metrics)
     if field:
         write_jsonl_atomic(args.submit_file, [{**r.data, field: t} for r, t in zip(records, responses)])
@@ -241,6 +284,10 @@ def predict_file(model, tokenizer, template, args, records=None, samples=None, f
     if "table" in metrics:
         print("\nROUGE (rouge-chinese definition, jieba words):\n")
         print(metrics["table"])
+    if "baselines" in metrics:
+        print("\nAgainst copying the input (ROUGE F):\n")
+        print(metrics["baseline_table"])
+        print(f"\n{metrics['verdict']}")
     if "ner" in metrics:
         ner = metrics["ner"]
         print(f"\nentities: P {ner['precision'] * 100:.2f}  R {ner['recall'] * 100:.2f}  F1 {ner['f1'] * 100:.2f}  "

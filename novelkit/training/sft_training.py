@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
 import torch
@@ -20,12 +20,13 @@ from ..data.packing import PackedCollator, pack_rows
 from ..errors import ConfigError, DataError
 from ..evaluation.generation_eval import GenerationEvalTrainer, GenerationEvaluator
 from ..models.loading import write_base_fingerprint
+from .best_checkpoint import BestCheckpointArguments, best_metric_name, keep_best_checkpoint, report_best
 from .fast_training import prepare_fast_training
 from .zero import check_saved_matches_live, join_cpu_processes, prepare_resume
 
 
 @dataclass
-class DataArguments:
+class DataArguments(BestCheckpointArguments):
     model_path: str = field(default="", metadata={"help": "local base model folder; empty = the embedded default"})
     data: str = field(default="data_examples/sft/train.jsonl", metadata={"help": "training file (any format)"})
     dev: str = field(default="", metadata={"help": "dev file (same format) for evaluation; empty = none"})
@@ -66,6 +67,7 @@ def parse_args(*groups):
     """(DataArguments, *groups, TrainingArguments) from the command line; unknown flags are an error."""
     parsed = HfArgumentParser((DataArguments, *groups, TrainingArguments)).parse_args_into_dataclasses()
     join_cpu_processes(parsed[-1])
+    set_seed(parsed[-1].seed)  # before the model exists: LoRA's initial adapters come from this seed, as the rest
     return parsed
 
 
@@ -112,11 +114,15 @@ def make_trainer(model, tokenizer, template, targs: TrainingArguments, data: SFT
     eval_samples > 0, ROUGE of generated responses, all logged to TensorBoard."""
     if data.dev is None:
         targs.eval_strategy = IntervalStrategy.NO
+    metric = best_metric_name(args.best_metric, ("loss", "rouge-1", "rouge-2", "rouge-l", "ner_f1"),
+                              generation_eval=args.eval_samples > 0)
+    callbacks = keep_best_checkpoint(targs, metric, args.patience, asked=args.best_metric != "auto")
     if not is_deepspeed_zero3_enabled():  # ZeRO-3 shards the head: its loss keeps the plain path
         compile_auto = torch.cuda.is_available() and not targs.deepspeed
         prepare_fast_training(model, compile=_switch(args.compile_layers, auto=compile_auto),
                               checkpoint_layers=args.checkpoint_layers if targs.gradient_checkpointing else -1)
-    collator = PackedCollator(tokenizer.pad_token_id, width=args.max_length) if data.packed \
+    collator = PackedCollator(tokenizer.pad_token_id, width=args.max_length,
+                              rows=targs.per_device_train_batch_size) if data.packed \
         else SFTCollator(tokenizer.pad_token_id)
     evaluator = None
     if data.dev is not None and args.eval_samples > 0:
@@ -125,7 +131,7 @@ def make_trainer(model, tokenizer, template, targs: TrainingArguments, data: SFT
                                         batch_size=targs.per_device_eval_batch_size)
     return GenerationEvalTrainer(model=model, args=targs, train_dataset=data.train, eval_dataset=data.dev,
                                  data_collator=collator, processing_class=tokenizer,
-                                 evaluator=evaluator)
+                                 evaluator=evaluator, callbacks=callbacks)
 
 
 def last_complete_checkpoint(output_dir) -> str | None:
@@ -145,12 +151,13 @@ def last_complete_checkpoint(output_dir) -> str | None:
 
 def train_resuming(trainer, tag: str) -> None:
     """Train, continuing from the last complete checkpoint in output_dir when a previous run was interrupted (also
-    on another number of GPUs under DeepSpeed)."""
+    on another number of GPUs under DeepSpeed); then say which step's model the Trainer kept as the best."""
     last = last_complete_checkpoint(trainer.args.output_dir)
     if last:
         print(f"[{tag}] resuming from {last}", flush=True)
         prepare_resume(trainer, last)
     trainer.train(resume_from_checkpoint=last)
+    report_best(trainer, tag)
 
 
 def save_trained(trainer, tokenizer, tag: str, verify: bool = False) -> None:

@@ -1,0 +1,158 @@
+"""From scratch to titles: pretrain a small model on the shared data only, fine-tune it to write titles, and score it
+against copying the input, on held-out CSL abstract → title and LCSTS text → title. The recipe scripts as the README
+runs them, one after another:
+
+    python bench/from_scratch.py --assets ../shared --out results/        # on a GPU (bench/gpu_carry.sh recipes)
+    python bench/from_scratch.py --assets ../shared --tiny                 # a CPU check of the plumbing
+
+1. data (nothing held out is trained on, not even unsupervised):
+   - pretraining corpus: the three novels (西游记 held out whole for the eval loss), the 1,000 CSL abstracts of
+     ts_dev.tsv and the 8,666 LCSTS training texts;
+   - SFT: those 1,000 CSL abstract → title pairs and the 8,666 LCSTS text → title pairs, shuffled; dev: 200 of each
+     from the held-out files (the best checkpoint is chosen on them);
+   - held out for scoring: the other 800 CSL pairs of clge_val.tsv (a different paper set) and 800 LCSTS val pairs;
+2. Baichuan-Pretrain/ds_finetune.sh from scratch (MODEL_CONFIG, VOCAB_SIZE; the best held-out-book loss is kept);
+3. Baichuan-Finetune/ds_finetune.sh on the SFT mix (full fine-tuning; the best dev ROUGE-L is kept, early stopping);
+4. Baichuan-Finetune/run_predict.sh on each held-out set: metrics.json carries the model's ROUGE and the copying
+   baselines (lead-N, the whole source).
+Each step's settings can be changed with --pretrain / --sft as VAR=value lists (the scripts' variables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CSL_PROMPT, LCSTS_PROMPT = "为下面的论文摘要写一个标题。", "为下面的新闻写一个标题。"
+
+PRETRAIN = {"MODEL_CONFIG": str(ROOT / "Baichuan-Pretrain" / "configs" / "babyllama.json"), "VOCAB_SIZE": "16000",
+            "MAX_LENGTH": "512", "BATCH": "64", "LR": "1e-3", "EVAL_BOOKS": "xiyouji"}
+SFT = {"MAX_LENGTH": "384", "BATCH": "64", "LR": "5e-4", "EPOCHS": "4", "EVAL_STEPS": "0.1", "EVAL_SAMPLES": "64",
+       "PATIENCE": "3"}
+TINY_PRETRAIN = {"VOCAB_SIZE": "2000", "MAX_LENGTH": "128", "BATCH": "8", "LR": "1e-3",
+                 "EVAL_BOOKS": "xiyouji"}
+
+
+def tsv(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def pair(prompt: str, source: str, title: str) -> dict:
+    return {"instruction": prompt, "input": source, "output": title}
+
+
+def make_data(assets: Path, work: Path, tiny: bool) -> dict:
+    data = assets / "data"
+    csl_train = [pair(CSL_PROMPT, r[1], r[2]) for r in tsv(data / "csl" / "ts_dev.tsv")]
+    csl_held = [pair(CSL_PROMPT, r[1], r[0]) for r in tsv(data / "csl" / "clge_val.tsv")]
+    seen = {r["output"] for r in csl_train}
+    csl_held = [r for r in csl_held if r["output"] not in seen]  # a paper in both files stays on the training side
+    lcsts_train = [pair(LCSTS_PROMPT, r[1], r[0]) for r in tsv(data / "lcsts" / "train.tsv")]
+    lcsts_held = [pair(LCSTS_PROMPT, r[1], r[0]) for r in tsv(data / "lcsts" / "val.tsv")]
+    if tiny:
+        csl_train, lcsts_train, csl_held, lcsts_held = csl_train[:40], lcsts_train[:40], csl_held[:30], lcsts_held[:30]
+    dev_n = 10 if tiny else 200
+    corpus = work / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for book in ("xiyouji", "hongloumeng", "shuihuzhuan"):
+        text = (data / "novels" / f"{book}.txt").read_text(encoding="utf-8")
+        (corpus / f"{book}.txt").write_text(text[:20000] if tiny else text, encoding="utf-8")
+    for name, rows in (("csl_abstracts", csl_train), ("lcsts_texts", lcsts_train)):  # one "book", a text a line
+        (corpus / f"{name}.txt").write_text("\n".join(r["input"] for r in rows) + "\n", encoding="utf-8")
+    sft = csl_train + lcsts_train
+    random.Random(0).shuffle(sft)
+    return {
+        "corpus": corpus,
+        "train": write_jsonl(work / "sft" / "train.jsonl", sft),
+        "dev": write_jsonl(work / "sft" / "dev.jsonl", csl_held[:dev_n] + lcsts_held[:dev_n]),
+        "csl": write_jsonl(work / "sft" / "csl_test.jsonl", csl_held[dev_n:]),
+        "lcsts": write_jsonl(work / "sft" / "lcsts_test.jsonl", lcsts_held[dev_n:]),
+        "counts": {"pretrain_csl_abstracts": len(csl_train), "pretrain_lcsts_texts": len(lcsts_train),
+                   "sft_train": len(sft), "dev": 2 * dev_n, "csl_test": len(csl_held) - dev_n,
+                   "lcsts_test": len(lcsts_held) - dev_n},
+    }
+
+
+def settings(pairs: list[str]) -> dict:
+    return dict(p.split("=", 1) for p in pairs)
+
+
+def run(name: str, argv: list[str], env: dict, out: Path) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    (out / f"{name}.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
+    print(f"[from_scratch] {name}: rc {proc.returncode}, {seconds:.0f} s", flush=True)
+    if proc.returncode:
+        print((proc.stdout + proc.stderr)[-3000:], file=sys.stderr)
+        raise SystemExit(f"{name} failed")
+    return seconds
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--assets", required=True, help="../shared (or a copy with data/{novels,csl,lcsts})")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--work", default="/tmp/from-scratch")
+    p.add_argument("--pretrain", nargs="*", default=[], help="VAR=value for Baichuan-Pretrain/ds_finetune.sh")
+    p.add_argument("--pretrain_steps", type=int, default=600)
+    p.add_argument("--sft", nargs="*", default=[], help="VAR=value for Baichuan-Finetune/ds_finetune.sh")
+    p.add_argument("--tiny", action="store_true", help="a few records and steps on the embedded-size config: CPU")
+    args = p.parse_args()
+
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = make_data(Path(args.assets), work, args.tiny)
+    pretrain_env = {**(TINY_PRETRAIN if args.tiny else PRETRAIN), **settings(args.pretrain)}
+    if args.tiny:
+        tiny_config = work / "tiny.json"
+        tiny_config.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                           "num_hidden_layers": 2, "num_attention_heads": 4,
+                                           "num_key_value_heads": 4, "max_position_embeddings": 512}))
+        pretrain_env["MODEL_CONFIG"] = str(tiny_config)
+    steps = 8 if args.tiny else args.pretrain_steps
+    model = work / "pretrain"
+    result = {"data": data["counts"], "pretrain": pretrain_env, "seconds": {}}
+    result["seconds"]["pretrain"] = run(
+        "pretrain", ["bash", "Baichuan-Pretrain/ds_finetune.sh", "--max_steps", str(steps), "--eval_steps",
+                     str(max(steps // 6, 1)), "--save_steps", str(max(steps // 6, 1))],
+        {**pretrain_env, "CORPUS": str(data["corpus"]), "OUTPUT_DIR": str(model)}, out)
+    sft_env = {**SFT, **({"BATCH": "8", "EPOCHS": "1", "EVAL_SAMPLES": "4", "MAX_LENGTH": "160"} if args.tiny else {}),
+               **settings(args.sft)}
+    result["sft"] = sft_env
+    tuned = work / "sft-model"
+    result["seconds"]["sft"] = run(
+        "sft", ["bash", "Baichuan-Finetune/ds_finetune.sh"] + (["--max_steps", "6"] if args.tiny else []),
+        {**sft_env, "MODEL_PATH": str(model), "DATA": str(data["train"]), "DEV": str(data["dev"]),
+         "OUTPUT_DIR": str(tuned)}, out)
+    result["best"] = json.loads((tuned / "best_checkpoint.json").read_text()) \
+        if (tuned / "best_checkpoint.json").exists() else None
+    for task in ("csl", "lcsts"):
+        pred = work / f"pred-{task}"
+        result["seconds"][f"predict_{task}"] = run(
+            f"predict_{task}", ["bash", "Baichuan-Finetune/run_predict.sh"],
+            {"MODEL_PATH": str(tuned), "DATA": str(data[task]), "OUTPUT_DIR": str(pred), "BATCH": "64",
+             "MAX_NEW_TOKENS": "48"}, out)
+        metrics = json.loads((pred / "metrics.json").read_text())
+        result[task] = {k: metrics[k] for k in ("samples", "rouge-chinese/char", "rouge-chinese/word", "baselines",
+                                                "verdict")}
+        print(f"[from_scratch] {task}: {metrics['verdict']}", flush=True)
+        print(metrics["baseline_table"], flush=True)
+    (out / "from_scratch.json").write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
