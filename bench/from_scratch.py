@@ -36,7 +36,7 @@ PRETRAIN = {"MODEL_CONFIG": str(ROOT / "Baichuan-Pretrain" / "configs" / "babyll
             "MAX_LENGTH": "512", "BATCH": "64", "LR": "1e-3", "EVAL_BOOKS": "xiyouji"}
 SFT = {"MAX_LENGTH": "384", "BATCH": "64", "LR": "5e-4", "EPOCHS": "4", "EVAL_STEPS": "0.1", "EVAL_SAMPLES": "64",
        "PATIENCE": "3"}
-TINY_PRETRAIN = {"VOCAB_SIZE": "2000", "MAX_LENGTH": "128", "BATCH": "8", "LR": "1e-3",
+TINY_PRETRAIN = {"VOCAB_SIZE": "4000", "MAX_LENGTH": "128", "BATCH": "8", "LR": "1e-3",
                  "EVAL_BOOKS": "xiyouji"}
 
 

@@ -40,7 +40,8 @@ def train(model, tokenizer, template, data_dir: Path, out: Path, lora: bool, bf1
     from novelkit.training.sft_training import DataArguments, load_sft_data, make_trainer
 
     args = DataArguments(data=str(data_dir / "train.json"), dev=str(data_dir / "dev.json"), max_length=256,
-                         eval_samples=4, eval_max_new_tokens=32, compile_layers="false")
+                         eval_samples=4, eval_max_new_tokens=32, compile_layers="false",
+                         best_metric="last")  # no checkpoints here: the model of the last step
     targs = TrainingArguments(output_dir=str(out), max_steps=4, eval_strategy="steps", eval_steps=2,
                               per_device_train_batch_size=2, per_device_eval_batch_size=4, bf16=bf16,
                               learning_rate=2e-4 if lora else 2e-5, save_strategy="no", report_to="none",

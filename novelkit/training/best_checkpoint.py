@@ -41,6 +41,17 @@ def best_metric_name(choice: str, allowed: tuple[str, ...], generation_eval: boo
     return choice
 
 
+class EarlyStopping(EarlyStoppingCallback):
+    """transformers' early stopping, except that an evaluation whose score is still 0 (ROUGE before the model writes
+    anything that overlaps: a model trained from scratch, early on) does not count against the patience: a flat
+    zero says the model has not started, not that it has stopped improving."""
+
+    def check_metric_value(self, args, state, control, metric_value):
+        if args.greater_is_better and metric_value == 0 and not state.best_metric:
+            return
+        super().check_metric_value(args, state, control, metric_value)
+
+
 def keep_best_checkpoint(targs, metric: str, patience: int, asked: bool = False) -> list[TrainerCallback]:
     """Sets the TrainingArguments to keep and load the best checkpoint by eval_<metric>; returns the callbacks to give
     the Trainer (early stopping when patience > 0). Nothing when there is no evaluation or metric is "". When the
@@ -61,7 +72,7 @@ def keep_best_checkpoint(targs, metric: str, patience: int, asked: bool = False)
     targs.restore_callback_states_from_checkpoint = True  # the patience count survives a kill
     targs.metric_for_best_model = f"eval_{metric}"
     targs.greater_is_better = metric != "loss"
-    return [EarlyStoppingCallback(early_stopping_patience=patience)] if patience > 0 else []
+    return [EarlyStopping(early_stopping_patience=patience)] if patience > 0 else []
 
 
 def report_best(trainer, tag: str) -> dict | None:
