@@ -2,8 +2,8 @@
 against copying the input, on held-out CSL abstract → title and LCSTS text → title. The recipe scripts as the README
 runs them, one after another:
 
-    python bench/from_scratch.py --assets ../shared --out results/        # on a GPU (bench/gpu_carry.sh recipes)
-    python bench/from_scratch.py --assets ../shared --tiny                 # a CPU check of the plumbing
+    python bench/from_scratch.py --assets .gpu --out $OUT   # the GPU machine (bench/gpu_carry.sh recipes scratch)
+    python bench/from_scratch.py --assets ../shared --tiny      # a CPU check of the plumbing
 
 1. data (nothing held out is trained on, not even unsupervised):
    - pretraining corpus: the three novels (西游记 held out whole for the eval loss), the 1,000 CSL abstracts of

@@ -5,6 +5,7 @@
 #   recipes    deepspeed, jieba, bitsandbytes, liger-kernel; CSL, two novels, the Baichuan 1 and 2 tokenizers
 #   serving    fastapi, uvicorn, openai, gradio (+ their needs)
 #   embedding  faiss-cpu (19 MB)
+#   scratch    data only: CSL ts_dev, LCSTS, 水浒传 (bench/from_scratch.py, bench/recipe_throughput.py)
 # Three wheels are cut down to what runs there, to fit: bitsandbytes keeps its CUDA 13.0 and CPU libraries (the
 # machine's torch is cu130; 43 -> ~3 MB), jieba its dictionary and HMM (no POS tagger or keyword models; 19 -> ~4 MB),
 # gradio drops its server-side-rendering node bundle and example media (31 -> ~20 MB).
@@ -54,7 +55,11 @@ for group in "$@"; do case $group in
         openai jiter sniffio httpx2 httpcore2 truststore gradio gradio_client hf-gradio safehttpx groovy \
         orjson python-multipart tomlkit semantic-version brotli pydub pytz
     prune .whl/gradio-*.whl '^(?!gradio/(templates/node|media_assets)/)' ;;
-  *) echo "unknown set $group (recipes, serving, embedding)" >&2; exit 2 ;;
+  scratch)  # bench/from_scratch.py and bench/recipe_throughput.py: CSL ts_dev, LCSTS, the third novel (6.6 MB)
+    mkdir -p .gpu/data/lcsts
+    cp "$shared/data/lcsts/train.tsv" "$shared/data/lcsts/val.tsv" .gpu/data/lcsts/
+    cp "$shared/data/csl/ts_dev.tsv" .gpu/data/csl/ && cp "$shared/data/novels/shuihuzhuan.txt" .gpu/data/novels/ ;;
+  *) echo "unknown set $group (recipes, serving, embedding, scratch)" >&2; exit 2 ;;
 esac; done
 du -sh .whl .gpu
 echo "carry: .whl .gpu (with the tracked files: $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes)"

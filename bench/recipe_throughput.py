@@ -1,6 +1,6 @@
 """The LoRA recipe end to end on a real length mix: our fast path on (the default), off, and HF padding-free + Liger.
 
-    python bench/recipe_throughput.py --assets .gpu --out $OUT                 # on the GPU machine (bench/gpu_carry.sh)
+    python bench/recipe_throughput.py --assets .gpu --out $OUT   # the GPU machine (bench/gpu_carry.sh recipes scratch)
     python bench/recipe_throughput.py --assets ../shared --tiny --samples 60   # a CPU check of the plumbing
 
 Model: a Llama with Baichuan2-7B's sizes (bench/shapes.py llama-baichuan2-7b; Liger patches Llama, not our Baichuan
