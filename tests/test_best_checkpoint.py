@@ -28,7 +28,8 @@ def targs(tmp_path, **kw):
 def test_keep_best_sets_the_trainer_up_and_refuses_saves_off_the_evaluations(tmp_path, capsys):
     args = targs(tmp_path, save_steps=10)
     [callback] = keep_best_checkpoint(args, "rouge-l", patience=4)
-    assert isinstance(callback, EarlyStoppingCallback) and callback.early_stopping_patience == 4
+    assert isinstance(callback, EarlyStopping) and isinstance(callback, EarlyStoppingCallback)
+    assert callback.early_stopping_patience == 4
     assert args.load_best_model_at_end and args.metric_for_best_model == "eval_rouge-l" and args.greater_is_better
     loss = targs(tmp_path, save_steps=10)
     assert keep_best_checkpoint(loss, "loss", patience=0) == [] and loss.load_best_model_at_end
