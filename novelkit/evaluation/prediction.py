@@ -6,7 +6,8 @@ appended and fsynced, so a kill loses at most the batch in flight. A rerun recon
 dropped, every line is checked against the data) and generates only the missing records, in the same batches as an
 uninterrupted run, so the result is the same. At the end the file is rewritten in input order, and metrics.json gets
 ROUGE-1/2/L P/R/F (both definitions, jieba words and characters), entity-level P/R/F1 when the references are NER
-answers (`实体_类型` lines), and the markdown table.
+answers (`实体_类型` lines), the markdown table, and what copying the input scores on the same references (`baselines`:
+lead-N and the whole source document; `verdict`: does the model beat them).
 
 Submission mode (--submit_file): the test file's records ({instruction, input, output: ""} lines) come back with
 their response field filled, in input order.
