@@ -1,11 +1,12 @@
 """The generation engine (novelkit/generation/engine.py) on tiny random models in fp32 on CPU: greedy tokens equal to
-transformers' `generate` for Llama, Qwen2 (GQA, qkv bias, tied embeddings) and every Baichuan position/head variant,
+transformers' `generate` for Llama (and Llama 3's RoPE scaling), Qwen2 (GQA, qkv bias, tied embeddings), Qwen3 (q/k
+RMSNorm) and every Baichuan position/head variant,
 mixed-length batches, requests joining mid-way, stops, streaming, and sampling filters equal to HF's processors."""
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                           TopPLogitsWarper)
 
 from novelkit.generation import sampling
@@ -22,6 +23,16 @@ def _hf_model(kind):
                   num_attention_heads=4, max_position_embeddings=256, initializer_range=0.15)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=4))
+    elif kind == "llama3":  # Llama 3's RoPE scaling, with a short original context so that it changes the angles
+        model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16, "rope_theta": 500000.0}))
+    elif kind == "qwen3":  # per-head q/k RMSNorm, head_dim apart from hidden / heads
+        model = Qwen3ForCausalLM(Qwen3Config(**common, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True))
+        with torch.no_grad():  # the norms start at ones: make them matter
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.normal_(1, 0.5)
+                layer.self_attn.k_norm.weight.normal_(1, 0.5)
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True))
         with torch.no_grad():  # Qwen2 initialises biases to zero: make them matter
@@ -34,6 +45,8 @@ def _hf_model(kind):
 MODELS = {
     "llama": lambda: _hf_model("llama"),
     "qwen2": lambda: _hf_model("qwen2"),
+    "qwen3": lambda: _hf_model("qwen3"),
+    "llama3": lambda: _hf_model("llama3"),
     "baichuan-7b": lambda: random_model("baichuan-7b"),
     "baichuan-13b": lambda: random_model("baichuan-13b"),
     "baichuan2-7b": lambda: random_model("baichuan2-7b"),
@@ -166,7 +179,7 @@ def test_missed_draws_are_drawn_again_inside_the_nucleus(monkeypatch):
             assert _hf_filtered(logits[step], 0.5, 0, 0.4)[token] > -float("inf"), step
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "baichuan2-7b"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "baichuan2-7b"])
 def test_frozen_weights_give_the_same_tokens_and_leave_the_model_as_it_was(kind):
     model = MODELS[kind]()
     ids = torch.tensor([_prompts(1)[0]])
@@ -283,16 +296,29 @@ def test_too_long_requests_are_refused():
     assert not engine.busy
 
 
-def test_an_architecture_without_a_fast_path_goes_through_generate():
+def test_an_architecture_without_a_fast_path_goes_through_generate(capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
     engine = Engine(model, max_batch=2, max_len=64)
     assert "gpt2" in engine.problem
+    assert "fast path unavailable (model type 'gpt2'" in capsys.readouterr().out  # one line says why
     prompt = _prompts(1)[0]
     r = engine.run([Request(prompt, 8)])[0]
     assert r.tokens == _hf_greedy(model, prompt, 8) and r.finish_reason == "length"
+
+
+def test_qwen3_with_sliding_window_layers_falls_back_and_says_so(capsys):
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
+                         sliding_window=4, max_window_layers=1)
+    model = Qwen3ForCausalLM(config).eval()
+    engine = Engine(model, max_batch=2, max_len=64)
+    assert "sliding-window attention" in capsys.readouterr().out
+    prompt = _prompts(4)[3]  # 20 tokens: longer than the window, so the window matters
+    assert engine.run([Request(prompt, 8)])[0].tokens == _hf_greedy(model, prompt, 8)
 
 
 def test_the_compiled_decode_step_gives_the_same_tokens():

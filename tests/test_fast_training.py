@@ -26,6 +26,33 @@ def tiny_qwen2(seed=0):
     return Qwen2ForCausalLM(config).eval()
 
 
+def tiny_qwen3(seed=0):
+    """Qwen3 dense: per-head RMSNorm of queries and keys, head_dim apart from hidden / heads."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+                         initializer_range=0.2)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def tiny_llama3(seed=0):
+    """Llama 3's RoPE scaling (a short original context, so that it changes the angles), untied head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8,
+                                       "rope_theta": 500000.0})
+    return LlamaForCausalLM(config).eval()
+
+
+HF_MODELS = {"qwen2": tiny_qwen2, "qwen3": tiny_qwen3, "llama3": tiny_llama3}
+
+
 @pytest.mark.parametrize("z_loss_weight", [0.0, 1e-3])
 @pytest.mark.parametrize("num_items", [None, 40])
 def test_linear_cross_entropy_matches_plain(small_chunks, z_loss_weight, num_items):
@@ -73,8 +100,9 @@ def test_baichuan_chunked_loss_same_loss_and_gradients(small_chunks, variant):
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_hf_model_chunked_loss_same_numbers_and_untouched_outside_training(small_chunks):
-    model = tiny_qwen2().train()
+@pytest.mark.parametrize("kind", list(HF_MODELS))
+def test_hf_model_chunked_loss_same_numbers_and_untouched_outside_training(small_chunks, kind):
+    model = HF_MODELS[kind]().train()
     ids = torch.randint(3, 1000, (2, 12))
     labels = ids.clone()
     labels[1, :4] = -100
@@ -86,7 +114,7 @@ def test_hf_model_chunked_loss_same_numbers_and_untouched_outside_training(small
     assert use_chunked_loss(model)
     loss, grads = gradients(model, {"input_ids": ids, "labels": labels})
     assert abs(loss - plain_loss) < 1e-5
-    for name, grad in plain.items():  # the tied embedding/lm_head gets both of its gradients
+    for name, grad in plain.items():  # a tied embedding/lm_head gets both of its gradients
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     # evaluation and saving see the model as it was
     assert list(model.state_dict()) == keys
@@ -113,7 +141,8 @@ def test_pack_rows_keeps_every_token_and_fills_rows():
 
 
 @pytest.mark.parametrize("make", [lambda: random_model("baichuan-7b"), lambda: random_model("baichuan2-13b"),
-                                  tiny_qwen2], ids=["rope", "alibi", "qwen2"])
+                                  tiny_qwen2, tiny_qwen3, tiny_llama3],
+                         ids=["rope", "alibi", "qwen2", "qwen3", "llama3"])
 def test_packed_row_equals_separate_samples(make):
     model = make()
     a, b, c = (torch.randint(3, 900, (n,)) for n in (7, 5, 4))

@@ -7,8 +7,9 @@ linear layers, MLPs and the LM head are the model's own modules, called as they 
 and gate/up layers are run as one matrix product each on a concatenated weight, which the layers' own parameters
 then view, and Baichuan 2's NormHead row norms are computed once.
 
-Supported: our Baichuan (RoPE 7B, ALiBi 13B, NormHead) and transformers' Llama / Qwen2 (GQA, qkv bias, tied
-embeddings, RoPE scaling through the model's own rotary module). `fast_path_problem` says why another model cannot
+Supported: our Baichuan (RoPE 7B, ALiBi 13B, NormHead) and transformers' Llama / Qwen2 / Qwen3 dense (GQA, qkv bias,
+Qwen3's per-head RMSNorm of queries and keys, tied embeddings, RoPE scaling such as Llama 3's through the model's own
+rotary module). `fast_path_problem` says why another model cannot
 use it (the engine then falls back to `generate`).
 """
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from ..compile_cache import use_compile_cache
 
-SUPPORTED = ("baichuan", "llama", "qwen2")
+SUPPORTED = ("baichuan", "llama", "qwen2", "qwen3")
 
 
 def unwrap(model):
@@ -38,7 +39,8 @@ def fast_path_problem(model) -> str | None:
         return f"model type {model_type!r} (fast path: {', '.join(SUPPORTED)})"
     if any(hasattr(p, "ds_id") for p in inner.parameters()):
         return "DeepSpeed-partitioned parameters"
-    if getattr(inner.config, "use_sliding_window", False):
+    if getattr(inner.config, "use_sliding_window", False) or any(
+            kind != "full_attention" for kind in getattr(inner.config, "layer_types", None) or ()):
         return "sliding-window attention"
     if model_type != "baichuan" and not hasattr(inner.model, "rotary_emb"):
         return "no rotary embedding module"
@@ -147,10 +149,12 @@ class CachedModel:
             q, k, v = F.linear(x, *fused).split([self.heads * self.head_dim] + [self.kv_heads * self.head_dim] * 2, -1)
         else:
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(batch, seq, self.heads, self.head_dim)
+        k = k.view(batch, seq, self.kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's queries and keys, before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
         v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        return q, k, v
+        return q.transpose(1, 2), k.transpose(1, 2), v
 
     def _mlp(self, index, layer, x):
         fused = self.gate_up[index]
