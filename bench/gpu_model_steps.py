@@ -6,10 +6,10 @@ generation against `generate`, and the LoRA adapter saved and reloaded to identi
     python3 bench/gpu_model_steps.py qwen2-1.5b --tokenizer .gpu/tokenizers/baichuan2 --data /tmp/csl --work /tmp/s
 
 Prints one "[steps] name: ok / FAILED ..." line per step and "[steps] all passed" at the end when every one did.
-Baichuan-7B takes the Baichuan 1 tokenizer, the others Baichuan 2's; Qwen2 and Llama 3, whose tokenizers are not in
-../shared, take Baichuan 2's with their vocabulary cut to its size (random weights would otherwise pick ids it cannot
-decode). Layers are not compiled here (`compile_layers=false`): the folder parts compile them on the Baichuan 2
-shape, and four shapes x two trainings would spend most of the call compiling.
+Baichuan-7B takes the Baichuan 1 tokenizer, the others Baichuan 2's; Qwen2, Qwen3 and Llama 3, whose tokenizers are
+not in ../shared, take Baichuan 2's with their vocabulary cut to its size (random weights would otherwise pick ids it
+cannot decode). Layers are not compiled here (`compile_layers=false`): the folder parts compile them on the Baichuan 2
+shape, and five shapes x two trainings would spend most of the call compiling.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from bench.shapes import build_model  # noqa: E402
 
 
 # Shapes whose own tokenizer is not in ../shared/assets: a Baichuan tokenizer stands in, and the vocabulary is its size.
-STAND_IN_TOKENIZER = ("qwen2-1.5b", "llama3-8b")
+STAND_IN_TOKENIZER = ("qwen2-1.5b", "qwen3-8b", "llama3-8b")
 
 
 def train(model, tokenizer, template, data_dir: Path, out: Path, lora: bool, bf16: bool):
@@ -80,7 +80,8 @@ def main():
     folder = work / "model"
     from bench.shapes import TINY
 
-    tiny = {**TINY, **({"num_key_value_heads": 2} if args.shape in ("qwen2-1.5b", "llama3-8b") else {})}
+    tiny = {**TINY, **({"num_key_value_heads": 2} if args.shape in STAND_IN_TOKENIZER else {}),
+            **({"head_dim": 16} if args.shape == "qwen3-8b" else {})}
     overrides = {"num_hidden_layers": 2, **(tiny if args.tiny else {})}
     if args.shape in STAND_IN_TOKENIZER:  # no tokenizer of theirs here: ids must stay inside the stand-in's vocabulary
         overrides["vocab_size"] = len(load_tokenizer(args.tokenizer))

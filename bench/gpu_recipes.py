@@ -19,7 +19,7 @@ after another, for timings without neighbours):
   serve, demo        `python -m novelkit.serve` answering the openai client (streaming too), started cold (empty
                      compile cache) and warm; web_demo.py answering gradio_client
   qwen               the server, cold and warm, on the Qwen2-1.5B shape (all 28 layers): the warm-up target
-  shapes             the model-specific steps on Baichuan-7B (RoPE), Baichuan2-13B (ALiBi), Qwen2 and Llama shapes:
+  shapes             the model-specific steps on Baichuan-7B (RoPE), Baichuan2-13B (ALiBi), Qwen2, Qwen3, Llama 3:
                      load, LoRA and full training steps with evaluation, engine generation, save and reload
 """
 
@@ -511,7 +511,7 @@ def qwen(suite: Suite):
 
 
 def shapes(suite: Suite):
-    for shape in ("baichuan-7b", "baichuan2-13b", "qwen2-1.5b", "llama3-8b"):
+    for shape in ("baichuan-7b", "baichuan2-13b", "qwen2-1.5b", "qwen3-8b", "llama3-8b"):
         tokenizer = suite.assets / "tokenizers" / ("baichuan1" if shape == "baichuan-7b" else "baichuan2")
         work = suite.work / f"steps-{shape}"
         suite.run(f"model steps: {shape} (2 layers)",

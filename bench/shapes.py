@@ -5,8 +5,8 @@
     python bench/shapes.py baichuan2-7b /tmp/b7 [--layers N]                # a from_pretrained folder (+ tokenizer)
 
 Weights are drawn on the target device, so a 7B model is ready in seconds. The Baichuan 2 shapes are the published
-configs (Baichuan-Analysis/configs); Baichuan-7B, Qwen2-1.5B and Llama 3 8B are written out below from their
-published config.json files.
+configs (Baichuan-Analysis/configs); Baichuan-7B, Qwen2-1.5B, Qwen3-1.7B / 8B and Llama 3 8B are written out below
+from their published config.json files.
 """
 
 from __future__ import annotations
@@ -42,6 +42,17 @@ LLAMA3_8B = {
     "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
     "vocab_size": 128256, "bos_token_id": 128000, "eos_token_id": 128001, "initializer_range": 0.02,
 }
+# Qwen3 dense (per-head q/k RMSNorm, head_dim 128, no qkv bias) from the published config.json files of Qwen3-1.7B
+# and Qwen3-8B
+QWEN3_1_7B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu", "hidden_size": 2048,
+    "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+    "head_dim": 128, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "tie_word_embeddings": True, "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645,
+    "attention_bias": False, "initializer_range": 0.02, "use_sliding_window": False,
+}
+QWEN3_8B = {**QWEN3_1_7B, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "tie_word_embeddings": False}
 # Baichuan2-7B's sizes (Baichuan-Analysis/configs/baichuan2-7b.json) on a Llama model: for comparisons with
 # libraries that patch transformers' own classes (Liger-Kernel), which our Baichuan class is not
 LLAMA_BAICHUAN2_7B = {**LLAMA3_8B, "hidden_size": 4096, "intermediate_size": 11008, "num_key_value_heads": 32,
@@ -49,7 +60,8 @@ LLAMA_BAICHUAN2_7B = {**LLAMA3_8B, "hidden_size": 4096, "intermediate_size": 110
                       "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 # --tiny: the same kind of model, small enough for a CPU dry run of the GPU suite (the vocabulary stays: tokenizers)
 TINY = {"hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 4}
-SHAPES = ("baichuan-7b", "baichuan2-7b", "baichuan2-13b", "qwen2-1.5b", "llama3-8b", "llama-baichuan2-7b")
+SHAPES = ("baichuan-7b", "baichuan2-7b", "baichuan2-13b", "qwen2-1.5b", "qwen3-1.7b", "qwen3-8b", "llama3-8b",
+          "llama-baichuan2-7b")
 
 
 def model_config(shape: str, **overrides):
@@ -57,6 +69,10 @@ def model_config(shape: str, **overrides):
         from transformers import Qwen2Config
 
         return Qwen2Config(**{**QWEN2_1_5B, **overrides})
+    if shape in ("qwen3-1.7b", "qwen3-8b"):
+        from transformers import Qwen3Config
+
+        return Qwen3Config(**{**(QWEN3_1_7B if shape == "qwen3-1.7b" else QWEN3_8B), **overrides})
     if shape in ("llama3-8b", "llama-baichuan2-7b"):
         from transformers import LlamaConfig
 
