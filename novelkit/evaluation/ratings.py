@@ -5,6 +5,7 @@
                      scores_a=(4, 3, 5), scores_b=(3, 3, 4), winner="A"))
     rows = store.summary()          # one row per model: mean 逻辑性/背景知识/文风, wins/losses/ties, win rate
     store.export_csv("ratings.csv")
+    pairs, counts = preference_pairs(store.rows(), by="overall")   # {prompt, chosen, rejected} for preference tuning
 
 A and B are the sides the rater saw; model_a/model_b record which model was shown on each side (the demo shuffles
 them), so the summary is per model, whatever side it was shown on. Every rating is committed when it is added.
@@ -21,6 +22,7 @@ from pathlib import Path
 from ..errors import ConfigError
 
 AXES = ("逻辑性", "背景知识", "文风")  # story logic, consistency with earlier chapters, the book's style
+AXIS_COLUMNS = dict(zip(AXES, ("logic", "knowledge", "style")))
 WINNERS = ("A", "B", "tie")
 COLUMNS = ("id", "rater", "time", "prompt", "output_a", "output_b", "model_a", "model_b",
            "logic_a", "knowledge_a", "style_a", "logic_b", "knowledge_b", "style_b", "winner")
@@ -116,3 +118,54 @@ class RatingStore:
             writer.writerows(self.rows())
         tmp.replace(path)
         return path
+
+
+def _preferred_side(row: dict, by: str) -> str:
+    """"A", "B" or "tie" for one rating: the rater's overall choice, or the higher score on one axis."""
+    if by == "overall":
+        return row["winner"]
+    column = AXIS_COLUMNS[by]
+    a, b = row[f"{column}_a"], row[f"{column}_b"]
+    return "A" if a > b else "B" if b > a else "tie"
+
+
+def preference_pairs(rows: list[dict], by: str = "overall") -> tuple[list[dict], dict]:
+    """Preference pairs from stored ratings (RatingStore.rows()): for each prompt and pair of outputs, the output the
+    raters preferred as `chosen`, the other as `rejected` (with the models that wrote them and the vote count).
+    `by`: "overall" (the rater's choice) or an axis (逻辑性, 背景知识, 文风: the higher score on it). The same two
+    outputs rated more than once (by several raters, or again, on either side) count as one pair decided by the
+    majority of the non-tied votes; ties and pairs whose votes split evenly give no pair. Returns the pairs, in the
+    order first rated, and counts of what went where."""
+    if by != "overall" and by not in AXIS_COLUMNS:
+        raise ConfigError(f"preferences by 'overall' or one of {', '.join(AXES)}, not {by!r}")
+    groups: dict[tuple, dict] = {}
+    counts = {"ratings": len(rows), "ties": 0, "repeats": 0, "split": 0, "pairs": 0}
+    for row in rows:
+        side = _preferred_side(row, by)
+        if side == "tie":
+            counts["ties"] += 1
+            continue
+        winner, loser = ("a", "b") if side == "A" else ("b", "a")
+        key = (row["prompt"], frozenset((row["output_a"], row["output_b"])))
+        group = groups.get(key)
+        if group is None:
+            groups[key] = group = {"prompt": row["prompt"], "votes": {}, "models": {}}
+        else:
+            counts["repeats"] += 1
+        chosen = row[f"output_{winner}"]
+        group["votes"][chosen] = group["votes"].get(chosen, 0) + 1
+        group["models"][row[f"output_{winner}"]] = row[f"model_{winner}"]
+        group["models"][row[f"output_{loser}"]] = row[f"model_{loser}"]
+    pairs = []
+    for (_, outputs), group in groups.items():
+        votes = group["votes"]
+        ranked = sorted(outputs, key=lambda o: -votes.get(o, 0))
+        if len(ranked) < 2 or votes.get(ranked[0], 0) == votes.get(ranked[1], 0):
+            counts["split"] += 1  # an even split, or the same text on both sides: nothing to learn
+            continue
+        chosen, rejected = ranked
+        pairs.append({"prompt": group["prompt"], "chosen": chosen, "rejected": rejected,
+                      "chosen_model": group["models"][chosen], "rejected_model": group["models"][rejected],
+                      "votes": [votes.get(chosen, 0), votes.get(rejected, 0)]})
+    counts["pairs"] = len(pairs)
+    return pairs, counts
