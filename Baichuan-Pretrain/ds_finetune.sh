@@ -17,8 +17,7 @@ CLEAN_PATTERNS=${CLEAN_PATTERNS:-}               # file of extra boilerplate reg
 MAX_LENGTH=${MAX_LENGTH:-2048}
 OUTPUT_DIR=${OUTPUT_DIR:-output/pretrain}        # checkpoints + final model; reruns resume from here
 EPOCHS=${EPOCHS:-1}
-BEST_METRIC=${BEST_METRIC:-auto}                 # auto: the output is the model of the lowest held-out loss; last:
-                                                 # the last step's
+BEST_METRIC=${BEST_METRIC:-auto}                 # auto: output the lowest held-out loss's model; last: the last
 PATIENCE=${PATIENCE:-3}                          # stop after this many evaluations without a lower one; 0: never
 LR=${LR:-3e-4}
 BATCH=${BATCH:-1}

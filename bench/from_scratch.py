@@ -30,7 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CSL_PROMPT, LCSTS_PROMPT = "为下面的论文摘要写一个标题。", "为下面的新闻写一个标题。"
+sys.path.insert(0, str(ROOT))
+
+from novelkit.data.formats import CSL_ABSTRACT2TITLE_PROMPT, LCSTS_PROMPT, load_samples  # noqa: E402
+from novelkit.outputs import write_jsonl_atomic  # noqa: E402
 
 PRETRAIN = {"MODEL_CONFIG": str(ROOT / "Baichuan-Pretrain" / "configs" / "babyllama.json"), "VOCAB_SIZE": "16000",
             "MAX_LENGTH": "512", "BATCH": "64", "LR": "1e-3", "EVAL_BOOKS": "xiyouji"}
@@ -40,28 +43,25 @@ TINY_PRETRAIN = {"VOCAB_SIZE": "4000", "MAX_LENGTH": "128", "BATCH": "8", "LR": 
                  "EVAL_BOOKS": "xiyouji"}
 
 
-def tsv(path: Path) -> list[list[str]]:
-    return [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def write_jsonl(path: Path, rows) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    write_jsonl_atomic(path, rows)
     return path
 
 
-def pair(prompt: str, source: str, title: str) -> dict:
-    return {"instruction": prompt, "input": source, "output": title}
+def pairs(path: Path, fmt: str, prompt: str) -> list[dict]:
+    """The file's (source text → title) samples as Alpaca records, the document in `input` (what lead-N copies)."""
+    return [{"instruction": prompt, "input": s.source, "output": s.response} for s in load_samples(path, fmt)]
 
 
 def make_data(assets: Path, work: Path, tiny: bool) -> dict:
     data = assets / "data"
-    csl_train = [pair(CSL_PROMPT, r[1], r[2]) for r in tsv(data / "csl" / "ts_dev.tsv")]
-    csl_held = [pair(CSL_PROMPT, r[1], r[0]) for r in tsv(data / "csl" / "clge_val.tsv")]
+    csl_train = pairs(data / "csl" / "ts_dev.tsv", "csl_abstract2title", CSL_ABSTRACT2TITLE_PROMPT)
+    csl_held = pairs(data / "csl" / "clge_val.tsv", "csl_abstract2title", CSL_ABSTRACT2TITLE_PROMPT)
     seen = {r["output"] for r in csl_train}
     csl_held = [r for r in csl_held if r["output"] not in seen]  # a paper in both files stays on the training side
-    lcsts_train = [pair(LCSTS_PROMPT, r[1], r[0]) for r in tsv(data / "lcsts" / "train.tsv")]
-    lcsts_held = [pair(LCSTS_PROMPT, r[1], r[0]) for r in tsv(data / "lcsts" / "val.tsv")]
+    lcsts_train = pairs(data / "lcsts" / "train.tsv", "lcsts", LCSTS_PROMPT)
+    lcsts_held = pairs(data / "lcsts" / "val.tsv", "lcsts", LCSTS_PROMPT)
     if tiny:
         csl_train, lcsts_train, csl_held, lcsts_held = csl_train[:40], lcsts_train[:40], csl_held[:30], lcsts_held[:30]
     dev_n = 10 if tiny else 200

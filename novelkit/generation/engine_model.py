@@ -9,8 +9,7 @@ then view, and Baichuan 2's NormHead row norms are computed once.
 
 Supported: our Baichuan (RoPE 7B, ALiBi 13B, NormHead) and transformers' Llama / Qwen2 / Qwen3 dense (GQA, qkv bias,
 Qwen3's per-head RMSNorm of queries and keys, tied embeddings, RoPE scaling such as Llama 3's through the model's own
-rotary module). `fast_path_problem` says why another model cannot
-use it (the engine then falls back to `generate`).
+rotary module). `fast_path_problem` says why another model cannot use it (the engine then falls back to `generate`).
 """
 
 from __future__ import annotations
