@@ -12,6 +12,9 @@ Parts (--only), run in concurrent lanes so that the whole suite fits one call of
 after another, for timings without neighbours):
   lora, full, qlora  ds_finetune.sh (killed, rerun: resumes), run_predict.sh on the dev file and in submission mode;
                      LoRA also merge_lora.py
+  dpo                Baichuan-Finetune-DPO continuing the lora part's adapter (same lane, after it) on CSL pairs (an
+                     abstract's own text chosen over the next paper's), killed, rerun: resumes with the same reference
+                     log-probs; run_predict.sh on the dev file
   pretrain           Baichuan-Pretrain continued (killed, resumed), then its run_predict.sh on the held-out book
   scratch            Baichuan-Pretrain from scratch (babyllama config, a tokenizer trained on the corpus)
   embedding          Baichuan-Embedding build + search
@@ -42,13 +45,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # novelkit, for the DPO part's pairs
 PY = sys.executable
 FIRST_STEP = "first training step"  # `first=` for the training scripts: the Trainer's progress bar moves
-PARTS = ("lora", "full", "qlora", "pretrain", "scratch", "embedding", "analysis", "serve", "demo", "qwen", "shapes")
+PARTS = ("lora", "dpo", "full", "qlora", "pretrain", "scratch", "embedding", "analysis", "serve", "demo", "qwen", "shapes")
 # Lanes run side by side (one H200 holds them all: ~70 GiB together); each lane's parts run in order. The two
 # trainings of all weights share a lane (their checkpoints would not fit the disk together); the serving lane's
 # first tokens are measured with neighbours training (--lanes 1 for quiet timings).
-LANES = (("full", "pretrain"), ("lora", "embedding", "analysis"), ("qlora", "scratch"), ("serve", "demo", "qwen"),
+LANES = (("full", "pretrain"), ("lora", "dpo", "embedding", "analysis"), ("qlora", "scratch"), ("serve", "demo", "qwen"),
          ("shapes",))
 
 
@@ -444,6 +448,42 @@ def finetune(suite: Suite, tag: str):
         shutil.rmtree(out, ignore_errors=True)  # 6 GB: room for the pretraining after it
 
 
+def dpo(suite: Suite):
+    from novelkit.data.formats import load_samples
+    from novelkit.outputs import write_jsonl_atomic
+
+    out, adapter = suite.work / "dpo", suite.work / "lora"
+    pairs = {}
+    for name, count in (("train", 160), ("dev", 40)):  # 20 steps of 4 pairs, and evaluations that stay short
+        samples = load_samples(suite.csl / f"{name}.json")[:count]
+        pairs[name] = suite.work / f"pairs-{name}.jsonl"
+        write_jsonl_atomic(pairs[name], [{"prompt": s.prompt, "chosen": s.response,
+                                          "rejected": samples[(i + 1) % len(samples)].response}
+                                         for i, s in enumerate(samples)])
+    env = {"MODEL_PATH": str(suite.model), "DATA": str(pairs["train"]), "DEV": str(pairs["dev"]), "EPOCHS": "1",
+           "OUTPUT_DIR": str(out),
+           "ADAPTER": str(adapter) if (adapter / "adapter_model.safetensors").exists() else ""}
+    cmd = "bash Baichuan-Finetune-DPO/ds_finetune.sh --max_steps 20"
+    suite.run("Baichuan-Finetune-DPO/ds_finetune.sh (killed at step > 8)", cmd, env, first=FIRST_STEP,
+              kill_when=has_checkpoint(out, 8), timeout=300)
+    trained = check_trained(out, 20, "adapter_model.safetensors", rouge=False)
+
+    def check(log):
+        if "reference log-probs read" not in log:
+            return "the rerun did not reuse the reference log-probs"
+        history = trainer_state(out).get("log_history", [])
+        if not any("eval_rewards/margins" in h for h in history):
+            return "no preference margin evaluated"
+        return trained(log)
+    suite.run("Baichuan-Finetune-DPO/ds_finetune.sh (rerun: resumes)", cmd, env, first=FIRST_STEP, timeout=300,
+              check=check)
+    drop_checkpoints(out)
+    pred_dir = out / "dev-predictions"
+    suite.run("Baichuan-Finetune-DPO/run_predict.sh (dev, ROUGE)", "bash Baichuan-Finetune-DPO/run_predict.sh",
+              {"LORA_MODEL": str(out), "DATA": str(suite.csl / "dev.json"), "OUTPUT_DIR": str(pred_dir)},
+              first_file=pred_dir / "predictions.jsonl", check=check_predictions(pred_dir, 100))
+
+
 PRETRAIN_FLAGS = "--max_steps 20 --eval_steps 10 --save_steps 10 --save_total_limit 1"
 
 
@@ -521,7 +561,7 @@ def shapes(suite: Suite):
         shutil.rmtree(work, ignore_errors=True)
 
 
-STEPS = {"lora": lambda s: finetune(s, "lora"), "full": lambda s: finetune(s, "full"),
+STEPS = {"lora": lambda s: finetune(s, "lora"), "dpo": dpo, "full": lambda s: finetune(s, "full"),
          "qlora": lambda s: finetune(s, "qlora"), "pretrain": pretrain, "scratch": scratch, "embedding": embedding,
          "analysis": analysis, "serve": serve, "demo": lambda s: demo_client(s, s.model, "warm"), "qwen": qwen, "shapes": shapes}
 

@@ -63,9 +63,9 @@ class LoraArguments:
                                                                 "elsewhere), 'all' (all linear layers), or a list"})
 
 
-def parse_args(*groups):
-    """(DataArguments, *groups, TrainingArguments) from the command line; unknown flags are an error."""
-    parsed = HfArgumentParser((DataArguments, *groups, TrainingArguments)).parse_args_into_dataclasses()
+def parse_args(*groups, data=DataArguments):
+    """(data, *groups, TrainingArguments) from the command line; unknown flags are an error."""
+    parsed = HfArgumentParser((data, *groups, TrainingArguments)).parse_args_into_dataclasses()
     join_cpu_processes(parsed[-1])
     set_seed(parsed[-1].seed)  # before the model exists: LoRA's initial adapters come from this seed, as the rest
     return parsed

@@ -61,8 +61,9 @@ def prepare_resume(trainer, checkpoint: str | None) -> None:
 
 
 def probe_ids(trainer, length: int = 64) -> torch.Tensor:
-    """A fixed input for comparing models: the start of the first training sample."""
-    return torch.tensor([list(trainer.train_dataset[0]["input_ids"][:length])])
+    """A fixed input for comparing models: the start of the first training sample (a preference pair's chosen)."""
+    first = trainer.train_dataset[0]
+    return torch.tensor([list(first.get("input_ids", first.get("chosen_input_ids"))[:length])])
 
 
 @torch.no_grad()

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Generate for a dev file with the trained adapter and print ROUGE; or fill a test file (submission mode). Override
+# any variable from the environment:
+#   LORA_MODEL=output/dpo DATA=my_dev.jsonl bash Baichuan-Finetune-DPO/run_predict.sh
+#   DATA=data/csl/test.json SUBMIT=output/dpo/submit.json bash Baichuan-Finetune-DPO/run_predict.sh
+# A killed run resumes where it stopped. Extra arguments go to predict.py (--do_sample, --interactive --with_prompt …).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+MODEL_PATH=${MODEL_PATH:-}                        # empty: the adapter's recorded base, else the embedded default
+LORA_MODEL=${LORA_MODEL-output/dpo}             # adapter written by ds_finetune.sh; FINETUNING=full: empty, MODEL_PATH=output/dpo
+DATA=${DATA:-$ROOT/data_examples/sft/dev.jsonl}
+OUTPUT_DIR=${OUTPUT_DIR:-$LORA_MODEL}             # predictions.jsonl + metrics.json
+SUBMIT=${SUBMIT:-}                                # submission mode: write DATA's records with outputs filled here
+BATCH=${BATCH:-8}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-}                # empty: the model's generation_config.json, else 256
+RETRIEVAL_INDEX=${RETRIEVAL_INDEX:-}              # Baichuan-Embedding index: adds a 前情提要 block; empty: none
+
+python "$ROOT/Baichuan-Finetune-DPO/predict.py" --model_path "$MODEL_PATH" --lora_model "$LORA_MODEL" \
+  --data "$DATA" --output_dir "$OUTPUT_DIR" --batch_size "$BATCH" \
+  ${MAX_NEW_TOKENS:+--max_new_tokens "$MAX_NEW_TOKENS"} \
+  ${SUBMIT:+--submit_file "$SUBMIT"} ${RETRIEVAL_INDEX:+--retrieval_index "$RETRIEVAL_INDEX"} "$@"
