@@ -39,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--model_path", default="", help="model folder; empty = the adapter's base, else the default")
     p.add_argument("--lora_model", default="", help="PEFT adapter folder; empty = the model alone")
     p.add_argument("--model_b_path", default="", help="evaluation: model B's folder (same rules as --model_path)")
-    p.add_argument("--lora_model_b", default="", help="evaluation: model B's adapter; with neither B flag, B is A")
+    p.add_argument("--lora_model_b", default="", help="evaluation: model B's adapter; with neither B flag, B is A "
+                                                          "(two sampled outputs of it, to rate before DPO)")
     p.add_argument("--template", default="", help="chat template; empty = the model's own")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max_new_tokens", type=int, default=512, help="the slider's start value and the evaluation's")
@@ -157,7 +158,10 @@ def build_demo(args, model_a: LoadedModel, model_b: LoadedModel, retriever, prom
     def next_pair(position):
         """The next prompt's two outputs, shown in random order; which model is which stays on the server."""
         sample = prompts[position % len(prompts)]
-        outputs = [m.complete(sample, max_new_tokens=args.max_new_tokens) for m in (model_a, model_b)]
+        # one model on both sides (the first round of ratings, before any preference tuning): two samples of it,
+        # which differ; two models: each its own generation settings
+        gen = dict(do_sample=True, temperature=0.8, top_p=0.9) if model_b is model_a else {}
+        outputs = [m.complete(sample, max_new_tokens=args.max_new_tokens, **gen) for m in (model_a, model_b)]
         order = random.sample([0, 1], 2)
         pair = {"prompt": sample.prompt, "outputs": [outputs[i] for i in order], "models": [names[i] for i in order]}
         return sample.prompt, pair["outputs"][0], pair["outputs"][1], pair, position + 1

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package at the repository root
 # novelkit before torch / transformers / peft: it checks their versions and quiets their import-time noise
 
-from novelkit.data.preferences import load_preference_pairs
+from novelkit.training.preference_data import load_preference_pairs
 from novelkit.data.templates import default_template_name, get_template
 from novelkit.errors import exit_on_error
 from novelkit.models.loading import attach_adapter, load_model, load_tokenizer, resolve_model_path

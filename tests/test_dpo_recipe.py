@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from novelkit.data.preferences import load_preference_pairs
+from novelkit.training.preference_data import load_preference_pairs
 from novelkit.data.readers import iter_records
 from novelkit.errors import DataError
 from novelkit.evaluation.ratings import Rating, RatingStore
@@ -183,3 +183,18 @@ def test_a_stopped_run_resumes_from_its_checkpoint_with_the_same_reference(csl_p
     assert "reference log-probs read from" in log
     assert (out / "reference_logps.json").read_text() == reference
     assert json.loads((out / "checkpoint-18" / "trainer_state.json").read_text())["global_step"] == 18
+
+
+def test_export_pairs_writes_the_ratings_as_a_pairs_file_the_recipe_reads(tmp_path):
+    store = RatingStore(tmp_path / "ratings.sqlite")
+    store.add(Rating("li", "续写", "甲", "乙", "sft", "sft", (2, 3, 5), (4, 3, 1), "B"))
+    store.add(Rating("li", "再写", "丙", "丁", "sft", "sft", (3, 3, 3), (3, 3, 3), "tie"))
+    out = tmp_path / "pairs.jsonl"
+    done = subprocess.run([sys.executable, str(ROOT / "Baichuan-Finetune-DPO" / "export_pairs.py"), "--ratings",
+                           str(tmp_path / "ratings.sqlite"), "--output", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "2 ratings by overall -> 1 pairs (1 ties" in done.stdout
+    assert [(p.sample.prompt, p.chosen, p.rejected) for p in load_preference_pairs(out)] == [("续写", "乙", "甲")]
+    missing = subprocess.run([sys.executable, str(ROOT / "Baichuan-Finetune-DPO" / "export_pairs.py"), "--ratings",
+                              str(tmp_path / "none.sqlite")], capture_output=True, text=True)
+    assert missing.returncode != 0 and "none.sqlite" in missing.stderr and "Traceback" not in missing.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from novelkit.errors import ConfigError
-from novelkit.evaluation.ratings import COLUMNS, SUMMARY_HEADERS, Rating, RatingStore
+from novelkit.evaluation.ratings import COLUMNS, SUMMARY_HEADERS, Rating, RatingStore, wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,9 +27,15 @@ def test_summary_per_model_whatever_side(tmp_path):
     store.add(rating("base", "lora", (3, 3, 3), (3, 3, 3), "tie"))
     table = {row[0]: row for row in store.summary()}
     assert set(table) == {"base", "lora"}
-    # model, n, 逻辑性, 背景知识, 文风, wins, losses, ties, win rate ((wins + ties / 2) / n)
-    assert table["lora"] == ["lora", 3, 4.0, 4.0, 3.67, 2, 0, 1, "83.3%"]
-    assert table["base"] == ["base", 3, 2.0, 2.67, 3.33, 0, 2, 1, "16.7%"]
+    # model, n, 逻辑性, 背景知识, 文风, wins, losses, ties, win rate ((wins + ties / 2) / n), its 95% Wilson interval
+    assert table["lora"] == ["lora", 3, 4.0, 4.0, 3.67, 2, 0, 1, "83.3%", "31.0–98.2%"]
+    assert table["base"] == ["base", 3, 2.0, 2.67, 3.33, 0, 2, 1, "16.7%", "1.8–69.0%"]
+
+
+def test_win_rate_interval_is_wilsons():
+    # textbook values: 50 of 100 -> [40.38%, 59.62%]; 0 of 10 -> [0, 27.75%]; 9 of 10 -> [59.58%, 98.21%]
+    for rate, n, expected in ((0.5, 100, (0.4038, 0.5962)), (0.0, 10, (0.0, 0.2775)), (0.9, 10, (0.5958, 0.9821))):
+        assert wilson_interval(rate, n) == pytest.approx(expected, abs=1e-4)
 
 
 def test_bad_ratings_are_refused_and_nothing_is_stored(tmp_path):
@@ -122,8 +128,8 @@ def test_rating_lands_in_sqlite_and_summary(demo):
     assert {model_a, model_b} == {"default (A)", "default (B)"}
     assert table["headers"] == SUMMARY_HEADERS
     summary = {row[0]: row for row in table["data"]}
-    assert summary[model_a][1:] == [1, 4.0, 3.0, 5.0, 1, 0, 0, "100.0%"]
-    assert summary[model_b][1:] == [1, 2.0, 2.0, 1.0, 0, 1, 0, "0.0%"]
+    assert summary[model_a][1:] == [1, 4.0, 3.0, 5.0, 1, 0, 0, "100.0%", "20.7–100.0%"]  # one rating says little
+    assert summary[model_b][1:] == [1, 2.0, 2.0, 1.0, 0, 1, 0, "0.0%", "0.0–79.3%"]
     # the pair is used up: a second submission without a new pair is refused, not stored twice
     with pytest.raises(Exception):
         client.predict("评分员甲", 4, 3, 5, 2, 2, 1, "A", api_name="/submit_rating")

@@ -14,6 +14,7 @@ them), so the summary is per model, whatever side it was shown on. Every rating 
 from __future__ import annotations
 
 import csv
+import math
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ AXIS_COLUMNS = dict(zip(AXES, ("logic", "knowledge", "style")))
 WINNERS = ("A", "B", "tie")
 COLUMNS = ("id", "rater", "time", "prompt", "output_a", "output_b", "model_a", "model_b",
            "logic_a", "knowledge_a", "style_a", "logic_b", "knowledge_b", "style_b", "winner")
-SUMMARY_HEADERS = ["模型", "评分数", *(f"{a}均分" for a in AXES), "胜", "负", "平", "胜率"]
+SUMMARY_HEADERS = ["模型", "评分数", *(f"{a}均分" for a in AXES), "胜", "负", "平", "胜率", "胜率95%区间"]
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS ratings (
     id INTEGER PRIMARY KEY AUTOINCREMENT, rater TEXT NOT NULL, time TEXT NOT NULL, prompt TEXT NOT NULL,
@@ -89,8 +90,9 @@ class RatingStore:
                                                                   "ORDER BY id")]
 
     def summary(self) -> list[list]:
-        """One row per model (SUMMARY_HEADERS): ratings, mean score per axis (2 decimals), wins, losses, ties, and
-        the win rate of decided comparisons plus half the ties, as a percentage."""
+        """One row per model (SUMMARY_HEADERS): ratings, mean score per axis (2 decimals), wins, losses, ties, the
+        win rate (wins plus half the ties, over all its ratings) as a percentage, and that rate's 95% Wilson interval:
+        whether a new model really beats the old one, or 20 ratings cannot tell yet."""
         stats: dict[str, dict] = {}
         for row in self.rows():
             for side, other in (("a", "b"), ("b", "a")):
@@ -104,8 +106,9 @@ class RatingStore:
         table = []
         for model, s in sorted(stats.items()):
             rate = (s["win"] + 0.5 * s["tie"]) / s["n"] * 100
+            low, high = wilson_interval(rate / 100, s["n"])
             table.append([model, s["n"], *(round(x / s["n"], 2) for x in s["sums"]), s["win"], s["loss"],
-                          s["tie"], f"{rate:.1f}%"])
+                          s["tie"], f"{rate:.1f}%", f"{low * 100:.1f}–{high * 100:.1f}%"])
         return table
 
     def export_csv(self, path) -> Path:
@@ -118,6 +121,17 @@ class RatingStore:
             writer.writerows(self.rows())
         tmp.replace(path)
         return path
+
+
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion `rate` observed over `n` trials (95% with z = 1.96); it stays
+    inside [0, 1] and is honest for small n and rates near 0 or 1, where the normal approximation is not."""
+    if n <= 0:
+        return 0.0, 1.0
+    denominator = 1 + z * z / n
+    centre = (rate + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _preferred_side(row: dict, by: str) -> str:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from ..data.features import IGNORE_INDEX, encode_sft
-from ..data.preferences import PreferencePair
+from .preference_data import PreferencePair
 from ..errors import ConfigError
 from ..outputs import write_json_atomic
 from .best_checkpoint import BestCheckpointArguments

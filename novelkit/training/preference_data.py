@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..data.formats import FORMATS, OPENAI_ROLES, SHAREGPT_ROLES, Sample, _error, _type_name
+from ..data.readers import Record, RecordStream
 from ..errors import DataError
-from .formats import FORMATS, OPENAI_ROLES, SHAREGPT_ROLES, Sample, _error, _type_name
-from .readers import Record, RecordStream
+from ..evaluation.ratings import RatingStore, preference_pairs
 
 SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 _SHAPES = ("{prompt, chosen, rejected}, alpaca {instruction, input, chosen, rejected}, sharegpt {conversations, "
@@ -109,17 +110,24 @@ def load_preference_pairs(path, by: str = "overall") -> list[PreferencePair]:
     return pairs
 
 
-def pairs_from_ratings(path: str, by: str = "overall") -> list[PreferencePair]:
-    """The demo's stored A/B ratings as pairs; prints what was kept and dropped (ties, even splits, repeats)."""
-    from ..evaluation.ratings import RatingStore, preference_pairs
-
+def rating_pairs(path, by: str = "overall") -> tuple[list[dict], dict]:
+    """preference_pairs() of a ratings database, with a one-line error for a missing file or no pairs at all."""
     if not Path(path).is_file():
-        raise DataError(path, None, "no such ratings database (web_demo.py writes one: --ratings_db)")
+        raise DataError(str(path), None, "no such ratings database (web_demo.py writes one: --ratings_db)")
     rows, counts = preference_pairs(RatingStore(path).rows(), by=by)
-    print(f"[preferences] {path} by {by}: {counts['ratings']} ratings -> {counts['pairs']} pairs "
-          f"({counts['ties']} ties, {counts['split']} even splits dropped; {counts['repeats']} repeats merged)",
-          flush=True)
     if not rows:
-        raise DataError(path, None, f"no preference pairs by {by}: every rating was a tie or an even split")
+        raise DataError(str(path), None, f"no preference pairs by {by}: every rating was a tie or an even split")
+    return rows, counts
+
+
+def describe_counts(counts: dict, by: str) -> str:
+    return (f"{counts['ratings']} ratings by {by} -> {counts['pairs']} pairs ({counts['ties']} ties and "
+            f"{counts['split']} even splits dropped, {counts['repeats']} repeats merged)")
+
+
+def pairs_from_ratings(path: str, by: str = "overall") -> list[PreferencePair]:
+    """The demo's stored A/B ratings as pairs; prints what was kept and dropped."""
+    rows, counts = rating_pairs(path, by)
+    print(f"[preferences] {path}: {describe_counts(counts, by)}", flush=True)
     return [PreferencePair(Sample(prompt=r["prompt"], response=r["chosen"], meta={"path": path, "pair": i}),
                            r["rejected"]) for i, r in enumerate(rows)]
