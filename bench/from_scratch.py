@@ -54,24 +54,28 @@ def pairs(path: Path, fmt: str, prompt: str) -> list[dict]:
     return [{"instruction": prompt, "input": s.source, "output": s.response} for s in load_samples(path, fmt)]
 
 
-def copy_drills(texts: list[str], per_text: int, seed: int = 0) -> list[str]:
+def copy_drills(texts: list[str], per_text: int, seed: int = 0, clause_starts: bool = False) -> list[str]:
     """Each text followed by `per_text` spans of itself, a line each ("摘录：" + 6-24 characters from a random place):
     a self-supervised drill in copying from the context. A model this small learns to copy from ordinary text only
     after far more tokens than 3.8 M characters give (induction heads form after billions), and titles are mostly
-    copied phrases."""
+    copied phrases. `clause_starts`: spans start where a clause does (the text's start or after ，。；：), as the
+    phrases titles copy mostly do."""
     rng = random.Random(seed)
     drills = []
     for text in texts:
         spans = []
         for _ in range(per_text):
             n = rng.randint(6, 24)
-            start = rng.randrange(max(len(text) - n, 1))
+            if clause_starts:
+                start = rng.choice([0] + [i + 1 for i, c in enumerate(text[:-n]) if c in "，。；：,;:"])
+            else:
+                start = rng.randrange(max(len(text) - n, 1))
             spans.append("摘录：" + text[start:start + n])
         drills.append("\n".join([text, *spans]))
     return drills
 
 
-def make_data(assets: Path, work: Path, tiny: bool, drills: int = 0) -> dict:
+def make_data(assets: Path, work: Path, tiny: bool, drills: int = 0, clause_starts: bool = False) -> dict:
     data = assets / "data"
     csl_train = pairs(data / "csl" / "ts_dev.tsv", "csl_abstract2title", CSL_ABSTRACT2TITLE_PROMPT)
     csl_held = pairs(data / "csl" / "clge_val.tsv", "csl_abstract2title", CSL_ABSTRACT2TITLE_PROMPT)
@@ -89,7 +93,7 @@ def make_data(assets: Path, work: Path, tiny: bool, drills: int = 0) -> dict:
         (corpus / f"{book}.txt").write_text(text[:20000] if tiny else text, encoding="utf-8")
     for name, rows in (("csl_abstracts", csl_train), ("lcsts_texts", lcsts_train)):  # one "book", a text a line
         texts = [r["input"] for r in rows]
-        (corpus / f"{name}.txt").write_text("\n".join(copy_drills(texts, drills) if drills else texts) + "\n",
+        (corpus / f"{name}.txt").write_text("\n".join(copy_drills(texts, drills, clause_starts=clause_starts) if drills else texts) + "\n",
                                             encoding="utf-8")
     sft = csl_train + lcsts_train
     random.Random(0).shuffle(sft)
@@ -130,12 +134,13 @@ def main():
     p.add_argument("--pretrain_steps", type=int, default=600)
     p.add_argument("--sft", nargs="*", default=[], help="VAR=value for Baichuan-Finetune/ds_finetune.sh")
     p.add_argument("--drills", type=int, default=0, help="copying drills per pretraining text (copy_drills)")
+    p.add_argument("--clause_starts", action="store_true", help="drills copy from clause starts only")
     p.add_argument("--tiny", action="store_true", help="a few records and steps on the embedded-size config: CPU")
     args = p.parse_args()
 
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = make_data(Path(args.assets), work, args.tiny, args.drills)
+    data = make_data(Path(args.assets), work, args.tiny, args.drills, args.clause_starts)
     pretrain_env = {**(TINY_PRETRAIN if args.tiny else PRETRAIN), **settings(args.pretrain)}
     if args.tiny:
         tiny_config = work / "tiny.json"
@@ -145,7 +150,7 @@ def main():
         pretrain_env["MODEL_CONFIG"] = str(tiny_config)
     steps = 8 if args.tiny else args.pretrain_steps
     model = work / "pretrain"
-    result = {"data": data["counts"], "drills": args.drills, "pretrain": pretrain_env, "seconds": {}}
+    result = {"data": data["counts"], "drills": args.drills, "clause_starts": args.clause_starts, "pretrain": pretrain_env, "seconds": {}}
     result["seconds"]["pretrain"] = run(
         "pretrain", ["bash", "Baichuan-Pretrain/ds_finetune.sh", "--max_steps", str(steps), "--eval_steps",
                      str(max(steps // 6, 1)), "--save_steps", str(max(steps // 6, 1))],
