@@ -83,6 +83,10 @@ def make_data(assets: Path, work: Path, tiny: bool, drills: int = 0, clause_star
     csl_held = [r for r in csl_held if r["output"] not in seen]  # a paper in both files stays on the training side
     lcsts_train = pairs(data / "lcsts" / "train.tsv", "lcsts", LCSTS_PROMPT)
     lcsts_held = pairs(data / "lcsts" / "val.tsv", "lcsts", LCSTS_PROMPT)
+    # the shared LCSTS val.tsv repeats 49 train.tsv pairs word for word: held out means not trained on
+    lcsts_seen = {r["input"] for r in lcsts_train}
+    repeated = sum(r["input"] in lcsts_seen for r in lcsts_held)
+    lcsts_held = [r for r in lcsts_held if r["input"] not in lcsts_seen]
     if tiny:
         csl_train, lcsts_train, csl_held, lcsts_held = csl_train[:40], lcsts_train[:40], csl_held[:30], lcsts_held[:30]
     dev_n = 10 if tiny else 200
@@ -105,7 +109,7 @@ def make_data(assets: Path, work: Path, tiny: bool, drills: int = 0, clause_star
         "lcsts": write_jsonl(work / "sft" / "lcsts_test.jsonl", lcsts_held[dev_n:]),
         "counts": {"pretrain_csl_abstracts": len(csl_train), "pretrain_lcsts_texts": len(lcsts_train),
                    "sft_train": len(sft), "dev": 2 * dev_n, "csl_test": len(csl_held) - dev_n,
-                   "lcsts_test": len(lcsts_held) - dev_n},
+                   "lcsts_test": len(lcsts_held) - dev_n, "lcsts_val_repeating_train": repeated},
     }
 
 

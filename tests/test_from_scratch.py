@@ -1,0 +1,39 @@
+"""bench/from_scratch.py's data: copying drills copy from their own text, and nothing scored is trained on."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from from_scratch import copy_drills, make_data  # noqa: E402
+
+
+def test_copy_drills_are_spans_of_their_own_text():
+    texts = ["机器学习在自然语言处理中的应用，本文综述了近年来的方法。我们发现，深度模型效果最好；未来可期。",
+             "日前，某公司发布新品，售价一千元。"]
+    for clause_starts in (False, True):
+        for text, drill in zip(texts, copy_drills(texts, 5, clause_starts=clause_starts)):
+            lines = drill.split("\n")
+            assert lines[0] == text and len(lines) == 6
+            for line in lines[1:]:
+                span = line.removeprefix("摘录：")
+                assert line.startswith("摘录：") and 6 <= len(span) <= 24 and span in text
+                if clause_starts:
+                    start = text.index(span)
+                    assert start == 0 or text[start - 1] in "，。；：", span
+
+
+def test_held_out_pairs_are_never_in_the_training_data(shared_data, tmp_path):
+    data = make_data(shared_data.parent, tmp_path, tiny=False, drills=2)
+    rows = {name: [json.loads(line) for line in data[name].read_text(encoding="utf-8").splitlines()]
+            for name in ("train", "dev", "csl", "lcsts")}
+    train_documents = {r["input"] for r in rows["train"]}
+    corpus = "".join(p.read_text(encoding="utf-8") for p in data["corpus"].glob("*.txt"))
+    for name in ("dev", "csl", "lcsts"):
+        held = [r for r in rows[name] if r["input"] not in train_documents]
+        assert len(held) == len(rows[name]), name  # no held-out document is a training pair's
+        assert sum(r["input"][:50] in corpus for r in rows[name]) <= len(rows[name]) // 100, name
+    assert data["counts"]["lcsts_val_repeating_train"] == 49  # dropped from the held-out side
+    assert data["counts"]["csl_test"] == len(rows["csl"]) and data["counts"]["lcsts_test"] == len(rows["lcsts"]) == 751
