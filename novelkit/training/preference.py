@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -79,7 +79,7 @@ def encode_pairs(tokenizer, template, pairs: list[PreferencePair], max_length: i
     rows, truncated = [], 0
     for pair in pairs:
         chosen = encode_sft(tokenizer, template, pair.sample, max_length)
-        rejected = encode_sft(tokenizer, template, _with_response(pair.sample, pair.rejected), max_length)
+        rejected = encode_sft(tokenizer, template, replace(pair.sample, response=pair.rejected), max_length)
         truncated += chosen.truncated or rejected.truncated
         rows.append({"chosen_input_ids": chosen.input_ids, "chosen_labels": chosen.labels,
                      "rejected_input_ids": rejected.input_ids, "rejected_labels": rejected.labels})
@@ -87,12 +87,6 @@ def encode_pairs(tokenizer, template, pairs: list[PreferencePair], max_length: i
         print(f"note: {truncated} of {len(rows)} {what} pairs longer than {max_length} tokens were cut",
               flush=True)
     return rows
-
-
-def _with_response(sample, response: str):
-    from dataclasses import replace
-
-    return replace(sample, response=response)
 
 
 @dataclass

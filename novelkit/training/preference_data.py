@@ -106,8 +106,7 @@ def load_preference_pairs(path, by: str = "overall") -> list[PreferencePair]:
     path = str(path)
     if Path(path).suffix.lower() in SQLITE_SUFFIXES:
         return pairs_from_ratings(path, by)
-    pairs = [to_preference_pair(record) for record in RecordStream(path)]
-    return pairs
+    return [to_preference_pair(record) for record in RecordStream(path)]
 
 
 def rating_pairs(path, by: str = "overall") -> tuple[list[dict], dict]:
