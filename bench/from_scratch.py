@@ -27,6 +27,7 @@ import random
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,28 +55,56 @@ def pairs(path: Path, fmt: str, prompt: str) -> list[dict]:
     return [{"instruction": prompt, "input": s.source, "output": s.response} for s in load_samples(path, fmt)]
 
 
-def copy_drills(texts: list[str], per_text: int, seed: int = 0, clause_starts: bool = False) -> list[str]:
-    """Each text followed by `per_text` spans of itself, a line each ("摘录：" + 6-24 characters from a random place):
-    a self-supervised drill in copying from the context. A model this small learns to copy from ordinary text only
-    after far more tokens than 3.8 M characters give (induction heads form after billions), and titles are mostly
-    copied phrases. `clause_starts`: spans start where a clause does (the text's start or after ，。；：), as the
-    phrases titles copy mostly do."""
+CLAUSE_END = "，。；：！？,;:!?"
+
+
+def clauses(text: str) -> list[str]:
+    """The text cut after each clause-ending punctuation mark, the mark kept with its clause."""
+    parts, start = [], 0
+    for i, c in enumerate(text):
+        if c in CLAUSE_END:
+            parts.append(text[start:i + 1])
+            start = i + 1
+    return parts + ([text[start:]] if text[start:] else [])
+
+
+def key_clause(text: str) -> str:
+    """The clause that shares the most with the rest of the text (character ROUGE-1 F, as PEGASUS picks its gap
+    sentences), its closing punctuation dropped: what a title is most likely to restate."""
+    def f1(part: str, rest: str) -> float:
+        overlap = sum((Counter(part) & Counter(rest)).values())
+        return 2 * overlap / (len(part) + len(rest)) if part and rest else 0.0
+    parts = clauses(text)
+    scored = [(f1(c, text.replace(c, "", 1)), -i, c) for i, c in enumerate(parts) if len(c) >= 5]
+    return (max(scored)[2] if scored else text).rstrip(CLAUSE_END)[:32]
+
+
+def copy_drills(texts: list[str], per_text: int, seed: int = 0, kind: str = "span") -> list[str]:
+    """Each text followed by `per_text` drill lines about itself: a self-supervised drill in copying from the context.
+    A model this small learns to copy from ordinary text only after far more tokens than 3.8 M characters give
+    (induction heads form after billions), and titles are mostly copied phrases. Kinds:
+      span    "摘录：" + 6-24 characters from a random place;
+      clause  the same, starting where a clause does (the text's start or after ，。；： …), as titles' phrases do;
+      key     first "要点：" + the clause most like the rest of the text (PEGASUS' gap-sentence choice: pretraining
+              that resembles summarising), then clause spans."""
+    if kind not in ("span", "clause", "key"):
+        raise ValueError(f"drill kind {kind!r}: span, clause or key")
     rng = random.Random(seed)
     drills = []
     for text in texts:
-        spans = []
-        for _ in range(per_text):
+        lines = [text] + (["要点：" + key_clause(text)] if kind == "key" and per_text else [])
+        while len(lines) < per_text + 1:
             n = rng.randint(6, 24)
-            if clause_starts:
-                start = rng.choice([0] + [i + 1 for i, c in enumerate(text[:-n]) if c in "，。；：,;:"])
-            else:
+            if kind == "span":
                 start = rng.randrange(max(len(text) - n, 1))
-            spans.append("摘录：" + text[start:start + n])
-        drills.append("\n".join([text, *spans]))
+            else:
+                start = rng.choice([0] + [i + 1 for i, c in enumerate(text[:-n]) if c in CLAUSE_END])
+            lines.append("摘录：" + text[start:start + n])
+        drills.append("\n".join(lines))
     return drills
 
 
-def make_data(assets: Path, work: Path, tiny: bool, drills: int = 0, clause_starts: bool = False) -> dict:
+def make_data(assets: Path, work: Path, tiny: bool, drills: int = 0, drill_kind: str = "span") -> dict:
     data = assets / "data"
     csl_train = pairs(data / "csl" / "ts_dev.tsv", "csl_abstract2title", CSL_ABSTRACT2TITLE_PROMPT)
     csl_held = pairs(data / "csl" / "clge_val.tsv", "csl_abstract2title", CSL_ABSTRACT2TITLE_PROMPT)
@@ -97,7 +126,7 @@ def make_data(assets: Path, work: Path, tiny: bool, drills: int = 0, clause_star
         (corpus / f"{book}.txt").write_text(text[:20000] if tiny else text, encoding="utf-8")
     for name, rows in (("csl_abstracts", csl_train), ("lcsts_texts", lcsts_train)):  # one "book", a text a line
         texts = [r["input"] for r in rows]
-        (corpus / f"{name}.txt").write_text("\n".join(copy_drills(texts, drills, clause_starts=clause_starts) if drills else texts) + "\n",
+        (corpus / f"{name}.txt").write_text("\n".join(copy_drills(texts, drills, kind=drill_kind) if drills else texts) + "\n",
                                             encoding="utf-8")
     sft = csl_train + lcsts_train
     random.Random(0).shuffle(sft)
@@ -137,14 +166,18 @@ def main():
     p.add_argument("--pretrain", nargs="*", default=[], help="VAR=value for Baichuan-Pretrain/ds_finetune.sh")
     p.add_argument("--pretrain_steps", type=int, default=600)
     p.add_argument("--sft", nargs="*", default=[], help="VAR=value for Baichuan-Finetune/ds_finetune.sh")
+    p.add_argument("--sft_args", default="", help="extra TrainingArguments flags for the SFT, e.g. "
+                                                   "'--weight_decay 0.1 --neftune_noise_alpha 5'")
+    p.add_argument("--decode", nargs="*", default=["greedy="],
+                   help="NAME=predict.py flags, one prediction per item, e.g. 'rp=--repetition_penalty 1.2'")
     p.add_argument("--drills", type=int, default=0, help="copying drills per pretraining text (copy_drills)")
-    p.add_argument("--clause_starts", action="store_true", help="drills copy from clause starts only")
+    p.add_argument("--drill_kind", default="span", choices=("span", "clause", "key"), help="see copy_drills")
     p.add_argument("--tiny", action="store_true", help="a few records and steps on the embedded-size config: CPU")
     args = p.parse_args()
 
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = make_data(Path(args.assets), work, args.tiny, args.drills, args.clause_starts)
+    data = make_data(Path(args.assets), work, args.tiny, args.drills, args.drill_kind)
     pretrain_env = {**(TINY_PRETRAIN if args.tiny else PRETRAIN), **settings(args.pretrain)}
     if args.tiny:
         tiny_config = work / "tiny.json"
@@ -154,7 +187,7 @@ def main():
         pretrain_env["MODEL_CONFIG"] = str(tiny_config)
     steps = 8 if args.tiny else args.pretrain_steps
     model = work / "pretrain"
-    result = {"data": data["counts"], "drills": args.drills, "clause_starts": args.clause_starts, "pretrain": pretrain_env, "seconds": {}}
+    result = {"data": data["counts"], "drills": args.drills, "drill_kind": args.drill_kind, "pretrain": pretrain_env, "seconds": {}}
     result["seconds"]["pretrain"] = run(
         "pretrain", ["bash", "Baichuan-Pretrain/ds_finetune.sh", "--max_steps", str(steps), "--eval_steps",
                      str(max(steps // 6, 1)), "--save_steps", str(max(steps // 6, 1))],
@@ -164,23 +197,32 @@ def main():
     result["sft"] = sft_env
     tuned = work / "sft-model"
     result["seconds"]["sft"] = run(
-        "sft", ["bash", "Baichuan-Finetune/ds_finetune.sh"] + (["--max_steps", "6"] if args.tiny else []),
+        "sft", ["bash", "Baichuan-Finetune/ds_finetune.sh"] + (["--max_steps", "6"] if args.tiny else [])
+        + args.sft_args.split(),
         {**sft_env, "MODEL_PATH": str(model), "DATA": str(data["train"]), "DEV": str(data["dev"]),
          "OUTPUT_DIR": str(tuned)}, out)
     result["best"] = json.loads((tuned / "best_checkpoint.json").read_text()) \
         if (tuned / "best_checkpoint.json").exists() else None
-    for task in ("csl", "lcsts"):
-        pred = work / f"pred-{task}"
-        result["seconds"][f"predict_{task}"] = run(
-            f"predict_{task}", ["bash", "Baichuan-Finetune/run_predict.sh"],
-            {"MODEL_PATH": str(tuned), "DATA": str(data[task]), "OUTPUT_DIR": str(pred), "BATCH": "64",
-             "MAX_NEW_TOKENS": "48"}, out)
-        metrics = json.loads((pred / "metrics.json").read_text())
-        result[task] = {k: metrics[k] for k in ("samples", "rouge-chinese/char", "rouge-chinese/word", "baselines",
-                                                "verdict")}
-        print(f"[from_scratch] {task}: {metrics['verdict']}", flush=True)
-        print(metrics["baseline_table"], flush=True)
-    (out / "from_scratch.json").write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    for decode in args.decode:
+        name, _, flags = decode.partition("=")
+        for task in ("csl", "lcsts"):
+            key = task if name == "greedy" else f"{task}-{name}"
+            pred = work / f"pred-{key}"
+            result["seconds"][f"predict_{key}"] = run(
+                f"predict_{key}", ["bash", "Baichuan-Finetune/run_predict.sh", *flags.split()],
+                {"MODEL_PATH": str(tuned), "DATA": str(data[task]), "OUTPUT_DIR": str(pred), "BATCH": "64",
+                 "MAX_NEW_TOKENS": "48"}, out)
+            metrics = json.loads((pred / "metrics.json").read_text())
+            result[key] = {k: metrics[k] for k in ("samples", "rouge-chinese/char", "rouge-chinese/word", "baselines",
+                                                   "verdict")}
+            result[key]["decode"] = flags
+            # the first predictions beside the numbers, to read what the model writes
+            head = (pred / "predictions.jsonl").read_text(encoding="utf-8").splitlines()[:40]
+            (out / f"predictions-{key}.jsonl").write_text("\n".join(head) + "\n", encoding="utf-8")
+            print(f"[from_scratch] {key}: {metrics['verdict']}", flush=True)
+            print(metrics["baseline_table"], flush=True)
+            (out / "from_scratch.json").write_text(json.dumps(result, ensure_ascii=False, indent=1),
+                                                   encoding="utf-8")
 
 
 if __name__ == "__main__":
