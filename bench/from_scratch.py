@@ -165,6 +165,8 @@ def main():
     p.add_argument("--work", default="/tmp/from-scratch")
     p.add_argument("--pretrain", nargs="*", default=[], help="VAR=value for Baichuan-Pretrain/ds_finetune.sh")
     p.add_argument("--pretrain_steps", type=int, default=600)
+    p.add_argument("--pretrain_args", default="", help="extra TrainingArguments flags for the pretraining, e.g. "
+                                                        "'--bf16 true'")
     p.add_argument("--sft", nargs="*", default=[], help="VAR=value for Baichuan-Finetune/ds_finetune.sh")
     p.add_argument("--sft_args", default="", help="extra TrainingArguments flags for the SFT, e.g. "
                                                    "'--weight_decay 0.1 --neftune_noise_alpha 5'")
@@ -190,7 +192,7 @@ def main():
     result = {"data": data["counts"], "drills": args.drills, "drill_kind": args.drill_kind, "pretrain": pretrain_env, "seconds": {}}
     result["seconds"]["pretrain"] = run(
         "pretrain", ["bash", "Baichuan-Pretrain/ds_finetune.sh", "--max_steps", str(steps), "--eval_steps",
-                     str(max(steps // 6, 1)), "--save_steps", str(max(steps // 6, 1))],
+                     str(max(steps // 6, 1)), "--save_steps", str(max(steps // 6, 1)), *args.pretrain_args.split()],
         {**pretrain_env, "CORPUS": str(data["corpus"]), "OUTPUT_DIR": str(model)}, out)
     sft_env = {**SFT, **({"BATCH": "8", "EPOCHS": "1", "EVAL_SAMPLES": "4", "MAX_LENGTH": "160"} if args.tiny else {}),
                **settings(args.sft)}

@@ -7,22 +7,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from from_scratch import copy_drills, make_data  # noqa: E402
+from from_scratch import copy_drills, key_clause, make_data  # noqa: E402
 
 
 def test_copy_drills_are_spans_of_their_own_text():
     texts = ["机器学习在自然语言处理中的应用，本文综述了近年来的方法。我们发现，深度模型效果最好；未来可期。",
              "日前，某公司发布新品，售价一千元。"]
-    for clause_starts in (False, True):
-        for text, drill in zip(texts, copy_drills(texts, 5, clause_starts=clause_starts)):
+    for kind in ("span", "clause", "key"):
+        for text, drill in zip(texts, copy_drills(texts, 5, kind=kind)):
             lines = drill.split("\n")
             assert lines[0] == text and len(lines) == 6
-            for line in lines[1:]:
+            spans = lines[1:]
+            if kind == "key":
+                assert spans[0] == "要点：" + key_clause(text)
+                spans = spans[1:]
+            for line in spans:
                 span = line.removeprefix("摘录：")
                 assert line.startswith("摘录：") and 6 <= len(span) <= 24 and span in text
-                if clause_starts:
+                if kind != "span":
                     start = text.index(span)
                     assert start == 0 or text[start - 1] in "，。；：", span
+
+
+def test_key_clause_is_the_clause_most_like_the_rest():
+    text = "天气很好。针对推荐算法冷启动的问题，提出一种基于知识图谱的推荐方法。该方法利用知识图谱改进推荐效果。"
+    assert key_clause(text) == "提出一种基于知识图谱的推荐方法"  # shares 知识图谱, 推荐 with the rest; punctuation dropped
+    assert key_clause("短。") == "短。"[:32].rstrip("。")  # no clause long enough: the text itself
 
 
 def test_held_out_pairs_are_never_in_the_training_data(shared_data, tmp_path):
