@@ -15,7 +15,9 @@ runs them, one after another:
 3. Baichuan-Finetune/ds_finetune.sh on the SFT mix (full fine-tuning; the best dev ROUGE-L is kept, early stopping);
 4. Baichuan-Finetune/run_predict.sh on each held-out set: metrics.json carries the model's ROUGE and the copying
    baselines (lead-N, the whole source).
-Each step's settings can be changed with --pretrain / --sft as VAR=value lists (the scripts' variables).
+Each step's settings can be changed with --pretrain / --sft as VAR=value lists (the scripts' variables), extra
+TrainingArguments flags with --pretrain_args / --sft_args; --drills N --drill_kind adds copying drills to the
+pretraining texts; --decode NAME=flags scores several decodings of one model (docs/from_scratch.md).
 """
 
 from __future__ import annotations
