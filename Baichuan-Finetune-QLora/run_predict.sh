@@ -15,8 +15,12 @@ LOAD_IN_4BIT=${LOAD_IN_4BIT-1}                    # 1: the base in NF4, as it wa
 BATCH=${BATCH:-8}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-}                # empty: the model's generation_config.json, else 256
 RETRIEVAL_INDEX=${RETRIEVAL_INDEX:-}              # Baichuan-Embedding index: adds a 前情提要 block; empty: none
+NUM_GPUS=${NUM_GPUS:-}                            # processes, one per GPU, records split across them; empty: all
+MASTER_PORT=${MASTER_PORT:-29500}                 # their rendezvous port when more than one
 
-python "$ROOT/Baichuan-Finetune-QLora/predict.py" --model_path "$MODEL_PATH" --lora_model "$LORA_MODEL" \
+. "$ROOT/novelkit/launch.sh"
+
+launch_each "$ROOT/Baichuan-Finetune-QLora/predict.py" --model_path "$MODEL_PATH" --lora_model "$LORA_MODEL" \
   --data "$DATA" --output_dir "$OUTPUT_DIR" --batch_size "$BATCH" ${LOAD_IN_4BIT:+--load_in_4bit} \
   ${MAX_NEW_TOKENS:+--max_new_tokens "$MAX_NEW_TOKENS"} ${SUBMIT:+--submit_file "$SUBMIT"} \
   ${RETRIEVAL_INDEX:+--retrieval_index "$RETRIEVAL_INDEX"} "$@"

@@ -19,3 +19,14 @@ launch() {
     python "$script" "$@"
   fi
 }
+
+# Sourced by every run_predict.sh: `launch_each SCRIPT ARGS...` starts one process per GPU (NUM_GPUS; empty: every GPU
+# here, 1 without a GPU), under torchrun when more than one; prediction splits its records across them.
+launch_each() {
+  local n=${NUM_GPUS:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
+  if [ "$n" -gt 1 ]; then
+    torchrun --nproc_per_node "$n" --master_port "${MASTER_PORT:-29500}" "$@"
+  else
+    python "$@"
+  fi
+}

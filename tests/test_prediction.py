@@ -112,6 +112,59 @@ def test_reconcile_checks_every_line(tmp_path):
         PredictionLog(path, records)
 
 
+def test_shards_split_the_records_and_resume_on_any_number_of_processes(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input": f"问{i}", "label": f"答{i}"} for i in range(10)])
+    records = list(iter_records(data))
+    path = tmp_path / "predictions.jsonl"
+    first = PredictionLog(path, records)  # a one-process run killed after two records
+    first.append([first.row(0, "r0"), first.row(5, "r5")])
+    # then three processes, killed: each wrote some of its own records (i % 3 == rank) to its part, one torn
+    logs = [PredictionLog(path, records, shard=(rank, 3)) for rank in range(3)]
+    assert [[i for i in range(10) if log.mine(i) and i not in log.done] for log in logs] == [[3, 6, 9], [1, 4, 7],
+                                                                                             [2, 8]]
+    logs[1].append([logs[1].row(1, "r1"), logs[1].row(4, "r4")])
+    logs[2].append([logs[2].row(2, "r2")])
+    with (path.parent / "predictions.jsonl.parts" / "part-2.jsonl").open("a", encoding="utf-8") as f:
+        f.write('{"input": "问8", "la')
+    # resumed on two: what any file holds is done, each record is one process's, nothing twice
+    logs = [PredictionLog(path, records, shard=(rank, 2)) for rank in range(2)]
+    todo = [[i for i in range(10) if log.mine(i) and i not in log.done] for log in logs]
+    assert todo == [[6, 8], [3, 7, 9]]
+    for log, indices in zip(logs, todo):
+        log.append([log.row(i, f"r{i}") for i in indices])
+    assert logs[0].finish() == [f"r{i}" for i in range(10)]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [r["index"] for r in rows] == list(range(10)) and not (path.parent / "predictions.jsonl.parts").exists()
+    parted = PredictionLog(path, records, shard=(1, 2))  # a finished file: nothing left for anyone
+    assert len(parted.done) == 10
+
+
+def test_interactive_refuses_several_processes(monkeypatch, default_model_dir):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--interactive runs in one process: NUM_GPUS=1"):
+        load_for_prediction(args_for("--interactive"))
+
+
+def test_run_predict_on_two_processes_equals_one(csl_dev, tmp_path, default_model_dir):
+    env = dict(os.environ, MODEL_PATH=str(default_model_dir), DATA=str(csl_dev), BATCH="3", MAX_NEW_TOKENS="12",
+               MASTER_PORT="29731", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    outputs = {}
+    for processes in ("1", "2"):
+        out = tmp_path / f"p{processes}"
+        proc = subprocess.run(["bash", str(ROOT / "Baichuan-Finetune" / "run_predict.sh"), "--only_cpu"],
+                              env={**env, "NUM_GPUS": processes, "OUTPUT_DIR": str(out)}, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[processes] = out
+    assert "process 1 of 2: records i with i % 2 == 1" in proc.stdout
+    assert (outputs["2"] / "predictions.jsonl").read_text(encoding="utf-8") == \
+        (outputs["1"] / "predictions.jsonl").read_text(encoding="utf-8")
+    one, two = (json.loads((outputs[n] / "metrics.json").read_text()) for n in ("1", "2"))
+    assert two["generated"] == one["generated"] == 14
+    assert two["rouge-chinese/char"] == one["rouge-chinese/char"]
+    assert not (outputs["2"] / "predictions.jsonl.parts").exists()
+
+
 def test_submission_mode(loaded, tmp_path, capsys):
     model, tokenizer, template = loaded
     test = write_jsonl(tmp_path / "test.json", [

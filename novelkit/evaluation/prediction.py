@@ -4,10 +4,12 @@ predictions.jsonl holds one line per input record: the record's fields plus "ind
 and "response". Prompts are sorted by length and cut into fixed batches (left padding); each finished batch is
 appended and fsynced, so a kill loses at most the batch in flight. A rerun reconciles the file (a torn last line is
 dropped, every line is checked against the data) and generates only the missing records, in the same batches as an
-uninterrupted run, so the result is the same. At the end the file is rewritten in input order, and metrics.json gets
-ROUGE-1/2/L P/R/F (both definitions, jieba words and characters), entity-level P/R/F1 when the references are NER
-answers (`实体_类型` lines), the markdown table, and what copying the input scores on the same references (`baselines`:
-lead-N and the whole source document; `verdict`: does the model beat them).
+uninterrupted run, so the result is the same. Several processes (run_predict.sh with NUM_GPUS, one per GPU) split
+the records and write a part each (PredictionLog); a killed run resumes on any number of processes. At the end the
+file is rewritten in input order, and metrics.json gets ROUGE-1/2/L P/R/F (both definitions, jieba words and
+characters), entity-level P/R/F1 when the references are NER answers (`实体_类型` lines), the markdown table, and
+what copying the input scores on the same references (`baselines`: lead-N and the whole source document; `verdict`:
+does the model beat them).
 
 Submission mode (--submit_file): the test file's records ({instruction, input, output: ""} lines) come back with
 their response field filled, in input order.
@@ -20,6 +22,7 @@ import json
 import os
 import statistics
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -80,6 +83,13 @@ def load_for_prediction(args):
     """(model, tokenizer, template) for the flags: base model, optional adapter (checked to fit), 4-bit or not."""
     model_path = args.model_path or (adapter_base_path(args.lora_model) if args.lora_model else "")
     device = "cpu" if args.only_cpu else None
+    if process_shard()[1] > 1:
+        if args.interactive:
+            raise ConfigError("--interactive runs in one process: NUM_GPUS=1 bash run_predict.sh --interactive")
+        import torch
+
+        if device is None and torch.cuda.is_available():  # one GPU per process, as torchrun numbers them
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     adapter = args.lora_model or None
     if args.load_in_4bit:
         from ..models.quantization import load_4bit_model
@@ -111,21 +121,49 @@ def read_data(path, fmt: str = ""):
     return records, [to_sample(r, fmt) for r in records], fmt
 
 
-class PredictionLog:
-    """predictions.jsonl as the record of what is done: reconciled on open, appended batch by batch."""
+def process_shard() -> tuple[int, int]:
+    """(rank, world size) of this process: torchrun's RANK and WORLD_SIZE (run_predict.sh starts one process per GPU),
+    (0, 1) alone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
-    def __init__(self, path, records):
+
+class PredictionLog:
+    """predictions.jsonl as the record of what is done: reconciled on open, appended batch by batch.
+
+    Several processes (`shard` = (rank, world size)) split the records by index (record i is rank i % world's) and
+    each appends to its own `predictions.jsonl.parts/part-RANK.jsonl`; what any file holds, the main file's or a part's
+    of a run on any number of processes, counts as done, so a killed run resumes on any number of processes with no
+    record lost or written twice. `finish` merges everything into the main file, in input order."""
+
+    def __init__(self, path, records, shard: tuple[int, int] = (0, 1)):
         self.path, self.records = Path(path), records
+        self.rank, self.world = shard
+        self.parts = self.path.with_name(self.path.name + ".parts")
+        self.own = self.path if self.world == 1 else self.parts / f"part-{self.rank}.jsonl"
         self.done: dict[int, dict] = {}
-        if self.path.exists():
+        for other in self._files():
+            if other != self.own:  # another process may be appending to it: read, never rewrite
+                for index, row in self._read(other)[0].items():
+                    self.done.setdefault(index, row)
+        if self.own.exists():
             self._reconcile()
+        if self.done:
+            print(f"[predict] {self.path}: {len(self.done)} of {len(records)} records already done", flush=True)
+
+    def mine(self, index: int) -> bool:
+        return index % self.world == self.rank
 
     def row(self, index: int, response: str) -> dict:
         return {**self.records[index].data, "index": index, "response": response}
 
-    def _reconcile(self) -> None:
-        text = self.path.read_bytes().decode("utf-8", errors="replace")
+    def _files(self) -> list[Path]:
+        return [f for f in [self.path, *sorted(self.parts.glob("part-*.jsonl"))] if f.exists()]
+
+    def _read(self, path: Path) -> tuple[dict[int, dict], bool, str]:
+        """(rows by index, a torn last line seen, the text) of one file; a bad line is a DataError naming it."""
+        text = path.read_bytes().decode("utf-8", errors="replace")
         pieces = text.split("\n")
+        rows: dict[int, dict] = {}
         torn = False
         for number, line in enumerate(pieces, 1):
             if not line.strip():
@@ -136,23 +174,27 @@ class PredictionLog:
                 if number == len(pieces):  # no newline after it: the write in flight when the run was killed
                     torn = True
                     continue
-                raise DataError(self.path, number, "not a JSON line; delete the file or choose another output")
+                raise DataError(path, number, "not a JSON line; delete the file or choose another output")
             index = row.get("index") if isinstance(row, dict) else None
             if not (isinstance(index, int) and 0 <= index < len(self.records) and isinstance(row.get("response"), str)
                     and row == self.row(index, row["response"])):
-                raise DataError(self.path, number, f"does not match record {index} of {self.records[0].path}: the "
-                                                   "file was written for other data; delete it or choose another "
-                                                   "output")
-            self.done.setdefault(index, row)
-        rows = list(self.done.values())
-        if text != "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows):
-            write_jsonl_atomic(self.path, rows)  # appends must start on a clean line
-        print(f"[predict] {self.path}: {len(rows)} of {len(self.records)} records already done"
-              + (", a torn last line dropped" if torn else ""), flush=True)
+                raise DataError(path, number, f"does not match record {index} of {self.records[0].path}: the "
+                                              "file was written for other data; delete it or choose another output")
+            rows.setdefault(index, row)
+        return rows, torn, text
+
+    def _reconcile(self) -> None:
+        rows, torn, text = self._read(self.own)
+        rows = {i: r for i, r in rows.items() if i not in self.done}  # already in another file: not twice
+        if text != "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()):
+            write_jsonl_atomic(self.own, list(rows.values()))  # appends must start on a clean line
+        self.done.update(rows)
+        if torn:
+            print(f"[predict] {self.own}: a torn last line dropped", flush=True)
 
     def append(self, rows: list[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
+        self.own.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.own, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             f.flush()
             os.fsync(f.fileno())
@@ -160,18 +202,33 @@ class PredictionLog:
             self.done[row["index"]] = row
 
     def finish(self) -> list[str]:
-        """Rewrite the file in input order; the responses in that order."""
-        rows = [self.done[i] for i in range(len(self.records))]
+        """Every file merged into the main one in input order (the parts removed after); the responses in that
+        order. With several processes, rank 0 calls it once all have finished."""
+        done: dict[int, dict] = {}
+        for path in self._files():
+            for index, row in self._read(path)[0].items():
+                done.setdefault(index, row)
+        missing = [i for i in range(len(self.records)) if i not in done]
+        if missing:
+            raise ConfigError(f"{self.path}: records {missing[:5]} have no prediction after every process finished")
+        rows = [done[i] for i in range(len(self.records))]
         write_jsonl_atomic(self.path, rows)
+        if self.parts.exists():
+            for part in self.parts.glob("part-*.jsonl"):
+                part.unlink()
+            self.parts.rmdir()
         return [r["response"] for r in rows]
 
 
 def generate_missing(model, tokenizer, template, samples, log: PredictionLog, *, batch_size: int, **gen) -> int:
-    """Generate the records `log` lacks, each written to it as soon as it is finished. The engine gives every
-    sequence its own cache slot and positions, so a response does not depend on which records share its batch
-    (tests/test_engine.py: the same tokens alone and batched): a resumed run gives the uninterrupted run's result."""
-    missing = [i for i in range(len(samples)) if i not in log.done]
-    with tqdm(total=len(samples), initial=len(log.done), desc="predict") as bar:
+    """Generate this process's records that `log` lacks, each written to it as soon as it is finished. The engine
+    gives every sequence its own cache slot and positions, so a response does not depend on which records share its
+    batch (tests/test_engine.py: the same tokens alone and batched): a resumed or split run gives the uninterrupted
+    run's result."""
+    mine = [i for i in range(len(samples)) if log.mine(i)]
+    missing = [i for i in mine if i not in log.done]
+    with tqdm(total=len(mine), initial=len(mine) - len(missing), desc="predict",
+              position=log.rank) as bar:
         def record(k, response):
             log.append([log.row(missing[k], response)])
             bar.update(1)
@@ -264,10 +321,25 @@ def predict_file(model, tokenizer, template, args, records=None, samples=None, f
     gen = generation_settings(model, args)
     print(f"[predict] {len(samples)} records from {args.data} ({fmt}), {gen}", flush=True)
 
-    log = PredictionLog(predictions, records)
+    rank, world = process_shard()
+    if world > 1:  # gloo for the one wait at the end; a long timeout: shards may finish hours apart
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
+        print(f"[predict] process {rank} of {world}: records i with i % {world} == {rank}", flush=True)
+    log = PredictionLog(predictions, records, shard=(rank, world))
     start = time.time()
     generated = generate_missing(model, tokenizer, template, samples, log, batch_size=args.batch_size, **gen)
     seconds = time.time() - start
+    if world > 1:
+        import torch
+
+        total = torch.tensor([generated])
+        dist.all_reduce(total)  # also the barrier: every part is complete after it
+        generated = int(total)
+        dist.destroy_process_group()
+        if rank != 0:
+            return {}  # rank 0 merges, scores and prints
     responses = log.finish()
 
     metrics = {"samples": len(samples), "generated": generated, "generation_seconds": round(seconds, 2),
