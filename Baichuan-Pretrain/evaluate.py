@@ -14,9 +14,10 @@ from novelkit.data.formats import Sample
 from novelkit.data.pretraining import iter_corpus_books
 from novelkit.data.templates import get_template
 from novelkit.errors import exit_on_error
-from novelkit.evaluation.lm_eval import continuation_points, sliding_window_perplexity
+from novelkit.evaluation.lm_eval import continuation_points, merge_perplexity, sliding_window_perplexity
 from novelkit.evaluation.repetition import corpus_distinct_n, repeated_ngram_rate
 from novelkit.evaluation.rouge import corpus_rouge
+from novelkit.evaluation.shards import gather_to_first, start_shards, stop_shards
 from novelkit.generation.batch import generate_responses, generation_kwargs
 from novelkit.models.loading import load_model, load_tokenizer, max_positions, resolve_model_path
 from novelkit.outputs import write_json_atomic, write_jsonl_atomic
@@ -62,16 +63,18 @@ def repetition(texts: list[str]) -> dict:
 @exit_on_error
 def main():
     args = parse_args()
+    rank, world = start_shards()  # run_predict.sh: one process per GPU, each takes every world-th window and point
     model_path = resolve_model_path(args.model_path)
     tokenizer, model = load_tokenizer(model_path), load_model(model_path, dtype=args.dtype)
     text = "\n".join(book.text for book in iter_corpus_books(args.book))
     ids = tokenizer.encode(text, add_special_tokens=False)
     window = args.window or min(max_positions(model.config), 2048)
-    print(f"[eval] {args.book}: {len(text):,} characters, {len(ids):,} tokens; window {window}", flush=True)
+    print(f"[eval] {args.book}: {len(text):,} characters, {len(ids):,} tokens; window {window}"
+          + (f"; process {rank} of {world}" if world > 1 else ""), flush=True)
 
     # 1. perplexity over the whole book
-    metrics = {"book": args.book, "characters": len(text),
-               "perplexity": sliding_window_perplexity(model, ids, window, args.stride or None, args.batch_size)}
+    part = sliding_window_perplexity(model, ids, window, args.stride or None, args.batch_size, shard=(rank, world))
+    parts = gather_to_first(part)
 
     # 2. continuations: context before each point, generated text vs the true next tokens
     points = continuation_points(len(ids), args.context_tokens, args.new_tokens, args.positions)
@@ -87,7 +90,15 @@ def main():
     references = [tokenizer.decode(ids[p:p + args.new_tokens]) for p in points]
     gen = generation_kwargs(model, max_new_tokens=args.new_tokens, repetition_penalty=args.repetition_penalty)
     gen.update(min_new_tokens=args.new_tokens)  # compare equal lengths: do not stop at an EOS
-    generated = generate_responses(model, tokenizer, get_template("plain"), samples, batch_size=args.batch_size, **gen)
+    mine = list(range(rank, len(samples), world))
+    texts = generate_responses(model, tokenizer, get_template("plain"), [samples[k] for k in mine],
+                               batch_size=args.batch_size, **gen)
+    pieces = gather_to_first(dict(zip(mine, texts)))
+    stop_shards()
+    if pieces is None:
+        return  # rank 0 scores and writes
+    generated = [next(p[k] for p in pieces if k in p) for k in range(len(samples))]
+    metrics = {"book": args.book, "characters": len(text), "perplexity": merge_perplexity(parts)}
     for definition in ("rouge-chinese", "standard"):
         for level in ("word", "char"):
             metrics[f"{definition}/{level}"] = corpus_rouge(generated, references, level=level, definition=definition)

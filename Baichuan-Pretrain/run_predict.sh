@@ -12,7 +12,11 @@ CONTEXT_TOKENS=${CONTEXT_TOKENS:-512}
 NEW_TOKENS=${NEW_TOKENS:-200}
 WINDOW=${WINDOW:-0}                                   # perplexity window; 0 = the model's positions (max 2048)
 RETRIEVAL_INDEX=${RETRIEVAL_INDEX:-}                  # Baichuan-Embedding index with BOOK: adds a 前情提要 block
+NUM_GPUS=${NUM_GPUS:-}                                # processes, one per GPU, windows and points split; empty: all
+MASTER_PORT=${MASTER_PORT:-29500}                     # their rendezvous port when more than one
 
-python "$ROOT/Baichuan-Pretrain/evaluate.py" --model_path "$MODEL_PATH" --book "$BOOK" --output_dir "$OUTPUT_DIR" \
+. "$ROOT/novelkit/launch.sh"
+
+launch_each "$ROOT/Baichuan-Pretrain/evaluate.py" --model_path "$MODEL_PATH" --book "$BOOK" --output_dir "$OUTPUT_DIR" \
   --positions "$POSITIONS" --context_tokens "$CONTEXT_TOKENS" --new_tokens "$NEW_TOKENS" --window "$WINDOW" \
   ${RETRIEVAL_INDEX:+--retrieval_index "$RETRIEVAL_INDEX"} "$@"

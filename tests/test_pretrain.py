@@ -205,3 +205,27 @@ def test_evaluate_script_perplexity_matches_model_loss(tmp_path, default_model_d
     assert metrics["perplexity"]["perplexity"] == pytest.approx(np.exp(loss), rel=1e-5)
     assert metrics["continuations"]["positions"] == 2 and "rouge-chinese/char" in metrics
     assert "| perplexity (sliding window) |" in res.stdout
+
+
+def test_evaluation_on_two_processes_equals_one(tmp_path, default_model_dir):
+    """run_predict.sh with NUM_GPUS=2 (two gloo CPU processes): every window and point scored once, the same numbers."""
+    book = tmp_path / "held.txt"
+    book.write_text("第一章 雨夜\n" + "山门外雨声渐密，少年握紧了剑。师父说：“走吧。”\n" * 40, encoding="utf-8")
+    env = dict(os.environ, MODEL_PATH=str(default_model_dir), BOOK=str(book), POSITIONS="5", CONTEXT_TOKENS="16",
+               NEW_TOKENS="8", WINDOW="64", MASTER_PORT="29741", CUDA_VISIBLE_DEVICES="",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    results = {}
+    for processes in ("1", "2"):
+        out = tmp_path / f"eval{processes}"
+        res = subprocess.run(["bash", str(FOLDER / "run_predict.sh")], capture_output=True, text=True, timeout=600,
+                             env={**env, "NUM_GPUS": processes, "OUTPUT_DIR": str(out)})
+        assert res.returncode == 0, res.stderr[-3000:]
+        results[processes] = (json.loads((out / "metrics.json").read_text()),
+                              (out / "continuations.jsonl").read_text(encoding="utf-8"))
+        results[processes] += (res.stdout,)
+    (one, one_text, _), (two, two_text, log) = results["1"], results["2"]
+    assert "process 1 of 2" in log
+    assert two["perplexity"]["tokens"] == one["perplexity"]["tokens"] > 64  # several windows, each token once
+    assert two["perplexity"]["perplexity"] == pytest.approx(one["perplexity"]["perplexity"], rel=1e-5)
+    assert two_text == one_text and two["rouge-chinese/char"] == one["rouge-chinese/char"]
+    assert one["continuations"]["positions"] == 5

@@ -11,12 +11,13 @@ from tqdm.auto import tqdm
 
 @torch.inference_mode()
 def sliding_window_perplexity(model, token_ids: list[int], window: int, stride: int | None = None,
-                              batch_size: int = 4, progress: bool = True) -> dict:
+                              batch_size: int = 4, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> dict:
     """Perplexity of a token sequence longer than the model's window.
 
     Windows of `window` tokens start every `stride` tokens; each scores only the tokens the previous window did not,
     so every token after the first is predicted exactly once, with up to `window - stride` tokens of context beyond
-    those it shares with its own window (stride = window // 2 by default)."""
+    those it shares with its own window (stride = window // 2 by default). `shard` = (rank, world): score only the
+    windows i with i % world == rank; `merge_perplexity` adds the processes' parts up."""
     stride = stride or max(1, window // 2)
     ids = torch.tensor(token_ids, dtype=torch.long)
     spans = []  # (start, end, first scored position)
@@ -29,6 +30,8 @@ def sliding_window_perplexity(model, token_ids: list[int], window: int, stride: 
         scored_until = end
         if end == len(ids):
             break
+    rank, world = shard
+    spans = spans[rank::world]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -49,6 +52,12 @@ def sliding_window_perplexity(model, token_ids: list[int], window: int, stride: 
     model.train(was_training)
     return {"perplexity": math.exp(nll / count) if count else float("nan"), "nll": nll, "tokens": count,
             "window": window, "stride": stride}
+
+
+def merge_perplexity(parts: list[dict]) -> dict:
+    """One result from the processes' `sliding_window_perplexity` parts: their sums of NLL and tokens added."""
+    nll, count = sum(p["nll"] for p in parts), sum(p["tokens"] for p in parts)
+    return {**parts[0], "perplexity": math.exp(nll / count) if count else float("nan"), "nll": nll, "tokens": count}
 
 
 def continuation_points(n_tokens: int, context: int, new: int, count: int) -> list[int]:

@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import time
-from datetime import timedelta
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -36,6 +35,7 @@ from ..models.loading import adapter_base_path, load_model, load_tokenizer
 from ..outputs import write_json_atomic, write_jsonl_atomic
 from .ner_metrics import entity_scores, is_ner_answer
 from .rouge import DEFINITIONS, LEVELS, METRICS, corpus_rouge, rouge_table
+from .shards import gather_to_first, process_shard, start_shards, stop_shards
 
 RESPONSE_FIELDS = {"alpaca": "output", "instruct": "answer", "input_label": "label"}  # filled in submission mode
 
@@ -86,10 +86,7 @@ def load_for_prediction(args):
     if process_shard()[1] > 1:
         if args.interactive:
             raise ConfigError("--interactive runs in one process: NUM_GPUS=1 bash run_predict.sh --interactive")
-        import torch
-
-        if device is None and torch.cuda.is_available():  # one GPU per process, as torchrun numbers them
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        start_shards(use_gpu=not args.only_cpu)  # this process's GPU before the model goes to "cuda"
     adapter = args.lora_model or None
     if args.load_in_4bit:
         from ..models.quantization import load_4bit_model
@@ -119,12 +116,6 @@ def read_data(path, fmt: str = ""):
     records = list(iter_records(path))
     fmt = fmt or detect_format(records[0])
     return records, [to_sample(r, fmt) for r in records], fmt
-
-
-def process_shard() -> tuple[int, int]:
-    """(rank, world size) of this process: torchrun's RANK and WORLD_SIZE (run_predict.sh starts one process per GPU),
-    (0, 1) alone."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class PredictionLog:
@@ -321,25 +312,18 @@ def predict_file(model, tokenizer, template, args, records=None, samples=None, f
     gen = generation_settings(model, args)
     print(f"[predict] {len(samples)} records from {args.data} ({fmt}), {gen}", flush=True)
 
-    rank, world = process_shard()
-    if world > 1:  # gloo for the one wait at the end; a long timeout: shards may finish hours apart
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", timeout=timedelta(days=7))
+    rank, world = start_shards(use_gpu=not args.only_cpu)
+    if world > 1:
         print(f"[predict] process {rank} of {world}: records i with i % {world} == {rank}", flush=True)
     log = PredictionLog(predictions, records, shard=(rank, world))
     start = time.time()
     generated = generate_missing(model, tokenizer, template, samples, log, batch_size=args.batch_size, **gen)
     seconds = time.time() - start
-    if world > 1:
-        import torch
-
-        total = torch.tensor([generated])
-        dist.all_reduce(total)  # also the barrier: every part is complete after it
-        generated = int(total)
-        dist.destroy_process_group()
-        if rank != 0:
-            return {}  # rank 0 merges, scores and prints
+    counts = gather_to_first(generated)  # also the wait: every part is complete after it
+    stop_shards()
+    if counts is None:
+        return {}  # rank 0 merges, scores and prints
+    generated = sum(counts)
     responses = log.finish()
 
     metrics = {"samples": len(samples), "generated": generated, "generation_seconds": round(seconds, 2),
