@@ -19,6 +19,7 @@ from novelkit.retrieval.embedding import POOLINGS, Embedder
 from novelkit.retrieval.indexing import add_sources, embed_pending, source_files
 from novelkit.retrieval.recap import Retriever
 from novelkit.retrieval.vector_store import INDEX_TYPES, VectorStore
+from novelkit.shards import gather_to_first, start_shards, stop_shards, wait_for_all
 
 DEFAULTS = {"pooling": "mean", "layer": -1, "max_length": 1024, "index_type": "flat"}
 
@@ -65,28 +66,39 @@ def build(args):
     source_files(args.data)  # a wrong path fails before a model is loaded
     if args.max_chars < 1:
         raise ConfigError(f"--max_chars must be at least 1, got {args.max_chars}")
-    store = VectorStore.open(args.index, missing_ok=True)
-    if store is None:
+    rank, world = start_shards()  # run_embedding.sh: one process per GPU, each embeds every world-th batch
+    store = VectorStore.open(args.index, missing_ok=True) if rank == 0 else None
+    if rank == 0 and store is None:
         settings = {k: DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)
                     for k in ("pooling", "layer", "max_length")}
         embedder = Embedder.load(args.model_path, dtype=args.dtype, batch_size=args.batch_size, **settings)
         store = VectorStore.create_or_open(args.index, embedder.describe(), args.index_type or DEFAULTS["index_type"])
-    else:
+    elif rank == 0:
         embedder = index_embedder(args, store)
         if args.index_type not in (None, store.index_type):
             raise ConfigError(f"{args.index} is a {store.index_type} index, not {args.index_type}: "
                               f"use another --index folder")
-    print(f"[embed] model {embedder.model_path}  pooling {embedder.pooling}  layer {embedder.layer}  "
-          f"dim {embedder.dim}  index {args.index} ({store.index_type})", flush=True)
-    pending = len(store.pending())
-    if pending:
-        print(f"[embed] resuming: {pending} passages of an interrupted run have no vector yet", flush=True)
-
-    added, unchanged = add_sources(store, args.data, args.max_chars)
-    embedded = embed_pending(store, embedder)
+    if rank == 0:
+        print(f"[embed] model {embedder.model_path}  pooling {embedder.pooling}  layer {embedder.layer}  "
+              f"dim {embedder.dim}  index {args.index} ({store.index_type})"
+              + (f"; {world} processes" if world > 1 else ""), flush=True)
+        pending = len(store.pending())
+        if pending:
+            print(f"[embed] resuming: {pending} passages of an interrupted run have no vector yet", flush=True)
+        added, unchanged = add_sources(store, args.data, args.max_chars)
+    wait_for_all()  # the index exists and every passage is registered
+    if rank != 0:
+        store = VectorStore.open(args.index)
+        embedder = index_embedder(args, store)
+    pending = store.pending()
+    wait_for_all()  # every process has the same list before any vector is written
+    embedded = gather_to_first(embed_pending(store, embedder, ids=pending, shard=(rank, world)))
+    stop_shards()
+    if rank != 0:
+        return
     store.sync()  # index.faiss from the stored vectors, written once at the end
     counts = store.counts()
-    print(f"[embed] {added} files added, {unchanged} unchanged; {embedded} passages embedded; the index now holds "
+    print(f"[embed] {added} files added, {unchanged} unchanged; {sum(embedded)} passages embedded; the index now holds "
           f"{counts['embedded']} passages from {counts['files']} files")
 
 

@@ -18,7 +18,11 @@ LAYER=${LAYER:-}                                 # hidden state to pool: -1 = th
 MAX_LENGTH=${MAX_LENGTH:-}                       # tokens per passage (1024)
 INDEX_TYPE=${INDEX_TYPE:-}                       # flat (exact, default) | hnsw (approximate, for millions of vectors)
 BATCH=${BATCH:-16}                               # passages per forward pass and per commit
+NUM_GPUS=${NUM_GPUS:-}                           # processes, one per GPU, batches split across them; empty: all
+MASTER_PORT=${MASTER_PORT:-29500}                # their rendezvous port when more than one
 
-python "$ROOT/Baichuan-Embedding/embed.py" build --model_path "$MODEL_PATH" --data "$DATA" --index "$INDEX_DIR" \
+. "$ROOT/novelkit/launch.sh"
+
+launch_each "$ROOT/Baichuan-Embedding/embed.py" build --model_path "$MODEL_PATH" --data "$DATA" --index "$INDEX_DIR" \
   --max_chars "$MAX_CHARS" --batch_size "$BATCH" ${POOLING:+--pooling "$POOLING"} ${LAYER:+--layer "$LAYER"} \
   ${MAX_LENGTH:+--max_length "$MAX_LENGTH"} ${INDEX_TYPE:+--index_type "$INDEX_TYPE"} "$@"

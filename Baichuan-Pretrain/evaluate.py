@@ -17,7 +17,7 @@ from novelkit.errors import exit_on_error
 from novelkit.evaluation.lm_eval import continuation_points, merge_perplexity, sliding_window_perplexity
 from novelkit.evaluation.repetition import corpus_distinct_n, repeated_ngram_rate
 from novelkit.evaluation.rouge import corpus_rouge
-from novelkit.evaluation.shards import gather_to_first, start_shards, stop_shards
+from novelkit.shards import gather_to_first, start_shards, stop_shards
 from novelkit.generation.batch import generate_responses, generation_kwargs
 from novelkit.models.loading import load_model, load_tokenizer, max_positions, resolve_model_path
 from novelkit.outputs import write_json_atomic, write_jsonl_atomic

@@ -230,6 +230,28 @@ def test_a_killed_run_resumes_to_the_same_index(novels, embedder, tmp_path):
     assert table(killed) == table(clean)
 
 
+def test_a_build_on_two_processes_resumes_to_the_same_index(novels, embedder, tmp_path):
+    """run_embedding.sh with NUM_GPUS=2 (two gloo CPU processes) finishing a run stopped after three batches: each
+    process embeds every other remaining batch, and the index equals the uninterrupted one-process build."""
+    clean = tmp_path / "clean"
+    store = VectorStore.create_or_open(clean, embedder.describe())
+    add_sources(store, novels / "c.txt", MAX_CHARS)
+    two = Embedder(embedder.model, embedder.tokenizer, model_path=embedder.model_path, batch_size=2)
+    total = embed_pending(store, two, progress=False)
+    store.sync()
+
+    stopped = tmp_path / "stopped"  # as a run killed after its first three batches leaves it
+    store = VectorStore.create_or_open(stopped, embedder.describe())
+    add_sources(store, novels / "c.txt", MAX_CHARS)
+    assert embed_pending(store, two, progress=False, ids=store.pending()[:6]) == 6 < total - 4
+    log = run("bash", FOLDER / "run_embedding.sh", env=dict(
+        MODEL_PATH=str(embedder.model_path), DATA=str(novels / "c.txt"), INDEX_DIR=str(stopped),
+        MAX_CHARS=str(MAX_CHARS), BATCH="2", NUM_GPUS="2", MASTER_PORT="29751",
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"))
+    assert "2 processes" in log and f"{total - 6} passages embedded" in log
+    assert table(stopped) == table(clean)
+
+
 # ---------------------------------------------------------------- faults
 
 

@@ -35,7 +35,7 @@ from ..models.loading import adapter_base_path, load_model, load_tokenizer
 from ..outputs import write_json_atomic, write_jsonl_atomic
 from .ner_metrics import entity_scores, is_ner_answer
 from .rouge import DEFINITIONS, LEVELS, METRICS, corpus_rouge, rouge_table
-from .shards import gather_to_first, process_shard, start_shards, stop_shards
+from ..shards import gather_to_first, process_shard, start_shards, stop_shards
 
 RESPONSE_FIELDS = {"alpaca": "output", "instruct": "answer", "input_label": "label"}  # filled in submission mode
 

@@ -78,12 +78,17 @@ def add_sources(store: VectorStore, path, max_chars: int = 800) -> tuple[int, in
     return added, unchanged
 
 
-def embed_pending(store: VectorStore, embedder, progress: bool = True) -> int:
-    """Embed every passage that has no vector yet, committing each batch; returns how many were embedded."""
-    ids = store.pending()
-    with tqdm(total=len(ids), desc="embed", unit="passage", disable=not progress) as bar:
-        for start in range(0, len(ids), embedder.batch_size):
-            batch = ids[start:start + embedder.batch_size]
+def embed_pending(store: VectorStore, embedder, progress: bool = True, ids: list[int] | None = None,
+                  shard: tuple[int, int] = (0, 1)) -> int:
+    """Embed every passage that has no vector yet (`ids`: store.pending() read earlier), committing each batch;
+    returns how many were embedded. `shard` = (rank, world): of the batches an uninterrupted run cuts, embed those
+    with batch number % world == rank (each process of a multi-GPU build reads the same pending list first)."""
+    ids = store.pending() if ids is None else ids
+    rank, world = shard
+    batches = [ids[start:start + embedder.batch_size] for start in range(0, len(ids), embedder.batch_size)][rank::world]
+    with tqdm(total=sum(map(len, batches)), desc="embed", unit="passage", disable=not progress,
+              position=rank) as bar:
+        for batch in batches:
             store.store_vectors(batch, embedder.embed_batch(store.texts(batch)))
             bar.update(len(batch))
-    return len(ids)
+    return sum(map(len, batches))

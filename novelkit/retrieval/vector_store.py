@@ -264,7 +264,8 @@ class VectorStore:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, check_same_thread=False)  # searched from a web server's worker threads too
+    # searched from a web server's worker threads too; written by one process per GPU in a multi-GPU build
+    conn = sqlite3.connect(path, check_same_thread=False, timeout=300)
     conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; a killed writer loses nothing committed
     conn.execute("PRAGMA synchronous=NORMAL")
     return conn

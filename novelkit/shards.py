@@ -1,6 +1,6 @@
-"""Evaluation split over processes: run_predict.sh starts one per GPU under torchrun (NUM_GPUS); each takes the items
-i with i % world == rank, and rank 0 puts the results together. gloo carries the few small messages (sums, texts),
-so the same code runs on GPUs and on CPU processes (the tests)."""
+"""Work split over processes: run_predict.sh and run_embedding.sh start one per GPU under torchrun (NUM_GPUS); each
+takes the items i with i % world == rank, and rank 0 puts the results together. gloo carries the few small messages
+(sums, texts), so the same code runs on GPUs and on CPU processes (the tests)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,14 @@ def gather_to_first(value):
     values = [None] * world
     dist.all_gather_object(values, value)
     return values if rank == 0 else None
+
+
+def wait_for_all() -> None:
+    """Every process reaches this line before any goes on; alone: nothing."""
+    if process_shard()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def stop_shards() -> None:
