@@ -17,10 +17,10 @@ from novelkit.errors import exit_on_error
 from novelkit.evaluation.lm_eval import continuation_points, merge_perplexity, sliding_window_perplexity
 from novelkit.evaluation.repetition import corpus_distinct_n, repeated_ngram_rate
 from novelkit.evaluation.rouge import corpus_rouge
-from novelkit.shards import gather_to_first, start_shards, stop_shards
 from novelkit.generation.batch import generate_responses, generation_kwargs
 from novelkit.models.loading import load_model, load_tokenizer, max_positions, resolve_model_path
 from novelkit.outputs import write_json_atomic, write_jsonl_atomic
+from novelkit.shards import gather_to_first, start_shards, stop_shards
 
 
 def parse_args():
@@ -97,7 +97,8 @@ def main():
     stop_shards()
     if pieces is None:
         return  # rank 0 scores and writes
-    generated = [next(p[k] for p in pieces if k in p) for k in range(len(samples))]
+    by_point = {k: t for piece in pieces for k, t in piece.items()}
+    generated = [by_point[k] for k in range(len(samples))]
     metrics = {"book": args.book, "characters": len(text), "perplexity": merge_perplexity(parts)}
     for definition in ("rouge-chinese", "standard"):
         for level in ("word", "char"):

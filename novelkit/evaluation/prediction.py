@@ -195,10 +195,11 @@ class PredictionLog:
     def finish(self) -> list[str]:
         """Every file merged into the main one in input order (the parts removed after); the responses in that
         order. With several processes, rank 0 calls it once all have finished."""
-        done: dict[int, dict] = {}
+        done = dict(self.done)  # what this process wrote or saw at the start; the others' files may have grown since
         for path in self._files():
-            for index, row in self._read(path)[0].items():
-                done.setdefault(index, row)
+            if path != self.own:
+                for index, row in self._read(path)[0].items():
+                    done.setdefault(index, row)
         missing = [i for i in range(len(self.records)) if i not in done]
         if missing:
             raise ConfigError(f"{self.path}: records {missing[:5]} have no prediction after every process finished")
