@@ -106,6 +106,24 @@ def test_repetition_penalty_gives_generates_tokens():
     assert r.tokens == expected[0, len(prompt):].tolist()
 
 
+def test_prompt_bias_gives_generates_tokens_and_copies_more():
+    """encoder_repetition_penalty > 1 (HF's name; for a decoder-only model its "encoder input" is the prompt)
+    favours the prompt's tokens, alone and together with the repetition penalty, in one batch."""
+    model = MODELS["qwen2"]()
+    prompt = _prompts(1)[0]
+    ids = torch.tensor([prompt])
+    settings = [(3.0, 1.0), (2.0, 1.3), (1.0, 1.0)]
+    expected = [model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=15, do_sample=False,
+                               encoder_repetition_penalty=erp, repetition_penalty=rp, eos_token_id=None,
+                               pad_token_id=0)[0, len(prompt):].tolist() for erp, rp in settings]
+    got = Engine(model, max_batch=3, max_len=64).run(
+        [Request(prompt, 15, SamplingParams(encoder_repetition_penalty=erp, repetition_penalty=rp))
+         for erp, rp in settings])
+    assert [r.tokens for r in got] == expected
+    copied = [sum(t in prompt for t in tokens) for tokens in expected]
+    assert copied[0] > copied[2]  # the bias made the greedy output take more of the prompt's tokens
+
+
 def test_sampling_filters_equal_hf_processors_row_by_row():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, VOCAB, generator=g) * 3

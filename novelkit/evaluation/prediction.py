@@ -64,7 +64,10 @@ def prediction_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--repetition_penalty", type=float, default=None)
+    p.add_argument("--repetition_penalty", type=float, default=None, help="above 1 discourages every token already "
+                                                                          "seen, the prompt's included")
+    p.add_argument("--encoder_repetition_penalty", type=float, default=None,
+                   help="above 1 favours the prompt's tokens only (a copy bias for summaries and titles)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--load_in_4bit", action="store_true", help="load the model in NF4 (bitsandbytes), as QLoRA "
                                                                "trained it")
@@ -106,7 +109,8 @@ def generation_settings(model, args) -> dict:
     """The model's generation_config.json, overridden by the flags given."""
     gen = generation_kwargs(model, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample or None,
                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            repetition_penalty=args.repetition_penalty)
+                            repetition_penalty=args.repetition_penalty,
+                            encoder_repetition_penalty=args.encoder_repetition_penalty)
     gen.setdefault("max_new_tokens", 256)  # transformers' own default would stop at 20 tokens
     return gen
 

@@ -16,10 +16,11 @@ from .sampling import resolve_sampling
 
 
 def generation_kwargs(model, max_new_tokens=None, do_sample=None, temperature=None, top_p=None, top_k=None,
-                      repetition_penalty=None) -> dict:
+                      repetition_penalty=None, encoder_repetition_penalty=None) -> dict:
     """The model's generation_config.json settings, overridden by whichever flags are given."""
     given = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                 top_k=top_k, repetition_penalty=repetition_penalty)
+                 top_k=top_k, repetition_penalty=repetition_penalty,
+                 encoder_repetition_penalty=encoder_repetition_penalty)
     cfg = getattr(model, "generation_config", None)
     out = {k: getattr(cfg, k, None) for k in given}
     out.update({k: v for k, v in given.items() if v is not None})
@@ -107,6 +108,8 @@ def _response_text(tokenizer, tokens, stops) -> str:
 
 def _generate_with_hf(model, tokenizer, prompts, order, stops, on_response, batch_size, progress, **gen_kwargs):
     device = next(model.parameters()).device
+    if gen_kwargs.get("encoder_repetition_penalty", 1.0) != 1.0:
+        batch_size = 1  # `generate` counts the left padding as part of the prompt and would favour the pad token
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
         idx = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], tokenizer.pad_token_id).items()}

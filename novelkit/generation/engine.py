@@ -505,7 +505,8 @@ def _generate_one(model, tokenizer, r: Request):
             pass
 
     s = r.sampling
-    gen = dict(max_new_tokens=r.max_new_tokens, do_sample=s.do_sample, repetition_penalty=s.repetition_penalty)
+    gen = dict(max_new_tokens=r.max_new_tokens, do_sample=s.do_sample, repetition_penalty=s.repetition_penalty,
+               encoder_repetition_penalty=s.encoder_repetition_penalty)
     if s.do_sample:
         gen.update(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
     if s.seed is not None:

@@ -1,7 +1,8 @@
 """Next-token choice for a batch of sequences with per-row settings, the same numbers as transformers' processors.
 
-Order as `generate`: repetition penalty (also when greedy), then for sampled rows temperature, top-k, top-p, then a
-draw. A row whose setting is neutral (penalty 1, temperature 1, top_k 0, top_p 1) is left unchanged,
+Order as `generate`: the prompt's bias (`encoder_repetition_penalty`: above 1 it favours the prompt's tokens, a copy
+bias that leaves the generated tokens alone), the repetition penalty (both also when greedy), then for sampled rows temperature, top-k, top-p, then a
+draw. A row whose setting is neutral (penalties 1, temperature 1, top_k 0, top_p 1) is left unchanged,
 as `generate` leaves out that processor. Rows with a seed draw from their own generator.
 
 Two ways to draw, one distribution. `warp` + a draw is transformers' way: sort the vocabulary, cumulative sum, cut.
@@ -31,14 +32,20 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    encoder_repetition_penalty: float = 1.0
     seed: int | None = None
+
+    @property
+    def penalizes(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.encoder_repetition_penalty != 1.0
 
 
 def resolve_sampling(model, seed=None, **given) -> SamplingParams:
     """As `generate` resolves them: the given values, else the model's generation_config, else transformers'
     global defaults (top_k 50 when sampling)."""
     cfg = getattr(model, "generation_config", None)
-    defaults = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0)
+    defaults = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0,
+                    encoder_repetition_penalty=1.0)
     values = {}
     for name, default in defaults.items():
         value = given.get(name)
@@ -47,11 +54,17 @@ def resolve_sampling(model, seed=None, **given) -> SamplingParams:
         values[name] = default if value is None else value
     return SamplingParams(do_sample=bool(values["do_sample"]), temperature=float(values["temperature"]),
                           top_k=int(values["top_k"]), top_p=float(values["top_p"]),
-                          repetition_penalty=float(values["repetition_penalty"]), seed=seed)
+                          repetition_penalty=float(values["repetition_penalty"]),
+                          encoder_repetition_penalty=float(values["encoder_repetition_penalty"]), seed=seed)
 
 
-def penalize_repetition(logits, seen, penalty):
-    """HF RepetitionPenaltyLogitsProcessor per row: logits (b, vocab), seen (b, vocab) bool, penalty (b, 1)."""
+def penalize_repetition(logits, seen, penalty, in_prompt=None, prompt_factor=None):
+    """HF EncoderRepetitionPenaltyLogitsProcessor, then RepetitionPenaltyLogitsProcessor, per row: logits
+    (b, vocab), seen and in_prompt (b, vocab) bool, penalty and prompt_factor (b, 1); prompt_factor is
+    1 / encoder_repetition_penalty as HF applies it (a factor of 1 leaves the logits exactly as they are)."""
+    if in_prompt is not None:
+        favoured = torch.where(logits < 0, logits * prompt_factor, logits / prompt_factor)
+        logits = torch.where(in_prompt, favoured, logits)
     penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalized, logits)
 
@@ -144,6 +157,8 @@ class Sampler:
         self.top_p = torch.ones(rows, 1, device=device)
         self.penalty = torch.ones(rows, 1, device=device)
         self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        self.prompt_factor = torch.ones(rows, 1, device=device)
+        self.in_prompt = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
         self.params: list[SamplingParams | None] = [None] * rows
         self.generators: list[torch.Generator | None] = [None] * rows
 
@@ -154,9 +169,13 @@ class Sampler:
         self.top_k[row] = params.top_k
         self.top_p[row] = params.top_p
         self.penalty[row] = params.repetition_penalty
+        self.prompt_factor[row] = 1 / params.encoder_repetition_penalty
         self.seen[row] = False
-        if params.repetition_penalty != 1.0:
-            self.seen[row, torch.tensor(prompt, device=self.device)] = True
+        self.in_prompt[row] = False
+        if params.penalizes:
+            prompt_ids = torch.tensor(prompt, device=self.device)
+            self.seen[row, prompt_ids] = True
+            self.in_prompt[row, prompt_ids] = True
         self.generators[row] = None
         if params.seed is not None and params.do_sample:
             self.generators[row] = torch.Generator(self.device).manual_seed(params.seed)
@@ -170,7 +189,7 @@ class Sampler:
         if sampled:
             k = max(p.top_k for p in sampled)
             mode = "nucleus" if k <= 0 else "nucleus_top_k" if k <= FAST_TOP_K else "sort"
-        return (mode, any(p.repetition_penalty != 1.0 for p in params),
+        return (mode, any(p.penalizes for p in params),
                 bool(sampled) and any(self.generators[r] is not None for r in rows))
 
     def _noise(self, logits, rows, seeded: bool):
@@ -191,7 +210,8 @@ class Sampler:
         as torch.multinomial, and graph-capturable. compiled: through the compiled `pick`."""
         raw = logits
         if penalty:
-            logits = penalize_repetition(logits.float(), self.seen[rows], self.penalty[rows])
+            logits = penalize_repetition(logits.float(), self.seen[rows], self.penalty[rows], self.in_prompt[rows],
+                                         self.prompt_factor[rows])
         settings = self.do_sample[rows], self.temperature[rows], self.top_k[rows], self.top_p[rows]
         if mode == "sort":
             logits = logits.float()
@@ -211,9 +231,10 @@ class Sampler:
         `choose` returned (their repetition marks are still those `choose` saw: a miss marks nothing)."""
         index = torch.tensor(slots, device=self.device)
         logits = logits.float()
-        penalty = any(self.params[s].repetition_penalty != 1.0 for s in slots)
+        penalty = any(self.params[s].penalizes for s in slots)
         if penalty:
-            logits = penalize_repetition(logits, self.seen[index], self.penalty[index])
+            logits = penalize_repetition(logits, self.seen[index], self.penalty[index], self.in_prompt[index],
+                                         self.prompt_factor[index])
         noise = self._noise(logits, index, seeded=any(self.generators[s] is not None for s in slots))
         probs = warp(logits, self.temperature[index], self.top_k[index], self.top_p[index]).softmax(dim=-1)
         chosen = (probs / noise).argmax(dim=-1)

@@ -62,7 +62,7 @@ class RequestError(ValueError):
 
 
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "encoder_repetition_penalty")
 
 
 def engine_for(model, tokenizer) -> Engine:
