@@ -68,6 +68,8 @@ def prediction_parser(description: str) -> argparse.ArgumentParser:
                                                                           "seen, the prompt's included")
     p.add_argument("--encoder_repetition_penalty", type=float, default=None,
                    help="above 1 favours the prompt's tokens only (a copy bias for summaries and titles)")
+    p.add_argument("--no_prompt_penalty", action="store_true",
+                   help="the repetition penalty counts generated tokens only (against loops, not against copying)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--load_in_4bit", action="store_true", help="load the model in NF4 (bitsandbytes), as QLoRA "
                                                                "trained it")
@@ -110,7 +112,8 @@ def generation_settings(model, args) -> dict:
     gen = generation_kwargs(model, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample or None,
                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             repetition_penalty=args.repetition_penalty,
-                            encoder_repetition_penalty=args.encoder_repetition_penalty)
+                            encoder_repetition_penalty=args.encoder_repetition_penalty,
+                            penalize_prompt=False if args.no_prompt_penalty else None)
     gen.setdefault("max_new_tokens", 256)  # transformers' own default would stop at 20 tokens
     return gen
 

@@ -12,15 +12,15 @@ from ..data.features import left_pad
 from ..data.templates import encode_prompt, stop_token_ids
 from .engine import Engine, Request, engine_step_key, without_partial_character
 from .engine_model import fast_path_problem, unwrap
-from .sampling import resolve_sampling
+from .sampling import generate_kwargs, resolve_sampling
 
 
 def generation_kwargs(model, max_new_tokens=None, do_sample=None, temperature=None, top_p=None, top_k=None,
-                      repetition_penalty=None, encoder_repetition_penalty=None) -> dict:
+                      repetition_penalty=None, encoder_repetition_penalty=None, penalize_prompt=None) -> dict:
     """The model's generation_config.json settings, overridden by whichever flags are given."""
     given = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                  top_k=top_k, repetition_penalty=repetition_penalty,
-                 encoder_repetition_penalty=encoder_repetition_penalty)
+                 encoder_repetition_penalty=encoder_repetition_penalty, penalize_prompt=penalize_prompt)
     cfg = getattr(model, "generation_config", None)
     out = {k: getattr(cfg, k, None) for k in given}
     out.update({k: v for k, v in given.items() if v is not None})
@@ -113,6 +113,7 @@ def _generate_with_hf(model, tokenizer, prompts, order, stops, on_response, batc
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
         idx = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], tokenizer.pad_token_id).items()}
-        generated = model.generate(**batch, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
+        generated = model.generate(**batch, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+                                   **generate_kwargs(gen_kwargs, batch["input_ids"].shape[1]))
         for row, i in enumerate(idx):
             on_response(i, _response_text(tokenizer, generated[row, batch["input_ids"].shape[1]:].tolist(), stops))

@@ -1,7 +1,8 @@
 """Next-token choice for a batch of sequences with per-row settings, the same numbers as transformers' processors.
 
 Order as `generate`: the prompt's bias (`encoder_repetition_penalty`: above 1 it favours the prompt's tokens, a copy
-bias that leaves the generated tokens alone), the repetition penalty (both also when greedy), then for sampled rows temperature, top-k, top-p, then a
+bias that leaves the generated tokens alone), the repetition penalty (on the prompt's and the generated tokens, or with
+`penalize_prompt=False` on the generated ones only, as HF's `prompt_ignore_length`; both also when greedy), then for sampled rows temperature, top-k, top-p, then a
 draw. A row whose setting is neutral (penalties 1, temperature 1, top_k 0, top_p 1) is left unchanged,
 as `generate` leaves out that processor. Rows with a seed draw from their own generator.
 
@@ -33,6 +34,7 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     encoder_repetition_penalty: float = 1.0
+    penalize_prompt: bool = True  # False: the repetition penalty counts generated tokens only
     seed: int | None = None
 
     @property
@@ -46,7 +48,7 @@ def resolve_sampling(model, seed=None, **given) -> SamplingParams:
     cfg = getattr(model, "generation_config", None)
     defaults = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0,
                     encoder_repetition_penalty=1.0)
-    values = {}
+    values = {"penalize_prompt": given.get("penalize_prompt", True) is not False}
     for name, default in defaults.items():
         value = given.get(name)
         if value is None:
@@ -55,7 +57,21 @@ def resolve_sampling(model, seed=None, **given) -> SamplingParams:
     return SamplingParams(do_sample=bool(values["do_sample"]), temperature=float(values["temperature"]),
                           top_k=int(values["top_k"]), top_p=float(values["top_p"]),
                           repetition_penalty=float(values["repetition_penalty"]),
-                          encoder_repetition_penalty=float(values["encoder_repetition_penalty"]), seed=seed)
+                          encoder_repetition_penalty=float(values["encoder_repetition_penalty"]),
+                          penalize_prompt=values["penalize_prompt"], seed=seed)
+
+
+def generate_kwargs(gen: dict, prompt_length: int) -> dict:
+    """`generate`'s keywords for these settings: `penalize_prompt=False` has no keyword there, it becomes HF's
+    RepetitionPenaltyLogitsProcessor with `prompt_ignore_length` (the prompt's length, left padding included).
+    `generate` runs a processor given this way after its own ones: the same tokens when greedy."""
+    gen = dict(gen)
+    if gen.pop("penalize_prompt", True) is False and gen.get("repetition_penalty", 1.0) != 1.0:
+        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+        gen["logits_processor"] = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(
+            float(gen.pop("repetition_penalty")), prompt_ignore_length=prompt_length)])
+    return gen
 
 
 def penalize_repetition(logits, seen, penalty, in_prompt=None, prompt_factor=None):
@@ -174,7 +190,7 @@ class Sampler:
         self.in_prompt[row] = False
         if params.penalizes:
             prompt_ids = torch.tensor(prompt, device=self.device)
-            self.seen[row, prompt_ids] = True
+            self.seen[row, prompt_ids] = params.penalize_prompt
             self.in_prompt[row, prompt_ids] = True
         self.generators[row] = None
         if params.seed is not None and params.do_sample:
