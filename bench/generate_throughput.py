@@ -1,4 +1,6 @@
-"""Generation throughput: our engine (novelkit/generation/engine.py) against plain transformers `generate`, in one run.
+"""Generation throughput: our engine (novelkit/generation/engine.py) against plain transformers `generate`, against
+transformers' own fast path (static KV cache, decode step compiled by `generate` on a GPU: the peer) and against the
+memory-bandwidth limit, in one run.
 
     python bench/generate_throughput.py --shapes qwen2-1.5b --out q.json            # ~4 min on an H200
     python bench/generate_throughput.py --shapes baichuan2-7b --out b.json          # ~6 min, with the submission
@@ -12,7 +14,12 @@ call, which captures its CUDA graphs; for `generate` a short call). `generate` i
 tokens (--naive-max-tokens): its time per token grows with the length, so for N = 800 its rate over 256 is an
 upper bound and the ratio a lower bound. One engine
 per shape (compiled, the default on a GPU) serves every batch and length; its first call, timed apart, includes
-the compilation.
+the compilation. The peer is timed at --peer-batches only (each batch size compiles anew, 1-3 minutes), at the
+shortest --new-tokens. The limit: bytes one decode step must read (every weight once, each sequence's KV cache at
+its mean length over the run) over the bandwidth a large device-to-device copy reaches here (read + written),
+times the batch; "share of limit" is the engine's tokens/s over it. On a CPU the peer is not compiled (transformers
+compiles on GPUs only): a CPU run checks the plumbing, e.g.
+`--shapes qwen2-1.5b --layers 1 --batches 1 2 --new-tokens 8 --tianchi 0 --peer-batches 1` (~35 s).
 
 Also: the 1,000-prompt title -> abstract submission (CSL titles with an instruction, tokenized with Baichuan 2's
 tokenizer; 800 new tokens each) on the Baichuan2-7B shape, timed end to end through the engine, the naive time
@@ -64,6 +71,57 @@ def time_naive(model, prompts, new_tokens):
     seconds = time.perf_counter() - start
     assert out.shape[1] == ids.shape[1] + new_tokens
     return seconds
+
+
+def time_static(model, prompts, new_tokens):
+    """transformers' own fast path, the peer: a static KV cache, whose decode step `generate` compiles on a GPU (its
+    auto-compile). The warm-up is a call of the same length: the compiled graph is specific to the cache's size."""
+    ids = prompts.to(model.device)
+    call = lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,  # noqa: E731
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                                  pad_token_id=0, cache_implementation="static", **SAMPLING)
+    call()  # warm-up: compiles (1-3 minutes per batch size on an H200)
+    _sync()
+    start = time.perf_counter()
+    out = call()
+    _sync()
+    seconds = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return seconds
+
+
+def copy_bandwidth(device, mib: int = 4096, repeats: int = 10) -> float:
+    """Bytes per second a device-to-device copy moves (read + written): what the memory can deliver in practice."""
+    mib = mib if device == "cuda" else 256
+    x = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    _sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        y.copy_(x)
+    _sync()
+    return 2 * x.numel() * repeats / (time.perf_counter() - start)
+
+
+def bytes_per_step(model, batch: int, context: float) -> float:
+    """What one decode step must read at least: every weight once (an untied input embedding only reads its rows:
+    left out) and each sequence's KV cache over `context` positions."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if embedding.data_ptr() != head.data_ptr():
+        weights -= embedding.numel() * embedding.element_size()
+    c = model.config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = batch * c.num_hidden_layers * 2 * heads * head_dim * context * embedding.element_size()
+    return weights + kv
+
+
+def bandwidth_limit(model, batch: int, new_tokens: int, bandwidth: float) -> float:
+    """Tokens per second if every decode step only read what it must at the measured copy bandwidth (the KV cache
+    at its mean length over the run)."""
+    return batch * bandwidth / bytes_per_step(model, batch, PROMPT + (new_tokens - 1) / 2)
 
 
 def time_engine(engine, prompts, new_tokens):
@@ -200,6 +258,9 @@ def main():
                    help="naive generate is timed over at most this many new tokens (its per-token time grows with the "
                         "length, so for longer N its rate is an upper bound and the ratio a lower bound)")
     p.add_argument("--layers", type=int, default=0, help="override num_hidden_layers (0: the shape's own)")
+    p.add_argument("--peer-batches", nargs="*", type=int, default=[1, 64],
+                   help="batches at which transformers' compiled static cache is timed (each compiles anew), at the "
+                        "shortest --new-tokens, timed over at most --naive-max-tokens; none: skip the peer")
     p.add_argument("--eager-check", action="store_true", help="also time the engine without CUDA graphs")
     p.add_argument("--tianchi", type=int, default=1, help="1: time the 1,000-prompt submission (Baichuan2-7B)")
     p.add_argument("--tianchi-batch", type=int, default=128)
@@ -218,6 +279,9 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hardware = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     results = {"hardware": hardware, "torch": torch.__version__, "args": vars(args), "rows": [], "equality": {}}
+    bandwidth = copy_bandwidth(device)
+    results["copy_bandwidth_gb_s"] = round(bandwidth / 1e9, 1)
+    print(f"copy bandwidth: {bandwidth / 1e9:,.0f} GB/s (read + written)", flush=True)
     import transformers
 
     results["transformers"] = transformers.__version__
@@ -260,10 +324,15 @@ def main():
                 redraws = engine.redraws
                 rate = batch * new / time_engine(engine, prompts, new)
                 peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+                limit = bandwidth_limit(model, batch, new, bandwidth)
                 row = {"shape": shape, "batch": batch, "new_tokens": new, "naive_tokens_per_s": naive,
                        "naive_timed_tokens": timed,
                        "engine_tokens_per_s": rate, "ratio": rate / naive, "engine_ms_per_step": batch / rate * 1000,
-                       "engine_peak_gib": round(peak, 1), "redraws": engine.redraws - redraws}
+                       "engine_peak_gib": round(peak, 1), "redraws": engine.redraws - redraws,
+                       "limit_tokens_per_s": limit, "engine_share_of_limit": rate / limit}
+                if batch in args.peer_batches and new == min(args.new_tokens):
+                    row["static_tokens_per_s"] = batch * timed / time_static(model, prompts, timed)
+                    row["engine_over_static"] = rate / row["static_tokens_per_s"]
                 if args.eager_check and new == min(args.new_tokens):
                     eager = Engine(model, max_batch=batch, max_len=PROMPT + new, cuda_graphs=False)
                     row["engine_eager_tokens_per_s"] = batch * new / time_engine(eager, prompts, new)
@@ -286,12 +355,18 @@ def main():
 
 
 def table(results) -> str:
-    lines = ["| shape | batch | new tokens | naive tokens/s (timed over) | engine tokens/s | ratio | engine ms/step | "
-             "engine peak GiB | redraws |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"copy bandwidth {results.get('copy_bandwidth_gb_s', 0):,.0f} GB/s (read + written)", "",
+             "| shape | batch | new tokens | naive tokens/s (timed over) | static cache, compiled (peer) | "
+             "engine tokens/s | engine / naive | engine / peer | bandwidth limit | engine share of limit | "
+             "engine ms/step | engine peak GiB | redraws |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
+        peer = r.get("static_tokens_per_s")
+        peer_cells = (f"{peer:,.0f}", f"{r['engine_over_static']:.2f}x") if peer else ("", "")
         lines.append(f"| {r['shape']} | {r['batch']} | {r['new_tokens']} | {r['naive_tokens_per_s']:,.0f} "
-                     f"({r['naive_timed_tokens']}) | "
-                     f"{r['engine_tokens_per_s']:,.0f} | {r['ratio']:.1f}x | {r['engine_ms_per_step']:.2f} | "
+                     f"({r['naive_timed_tokens']}) | {peer_cells[0]} | {r['engine_tokens_per_s']:,.0f} | "
+                     f"{r['ratio']:.1f}x | {peer_cells[1]} | {r.get('limit_tokens_per_s', 0):,.0f} | "
+                     f"{r.get('engine_share_of_limit', 0):.0%} | {r['engine_ms_per_step']:.2f} | "
                      f"{r['engine_peak_gib']} | {r['redraws']} |")
     return "\n".join(lines)
 
