@@ -244,3 +244,22 @@ def test_baselines_copy_the_document_not_the_instruction(shared_data):
     assert "beats copying" in baseline_verdict({**score_responses(refs, refs), "baselines": baselines})
     assert "does NOT beat" in baseline_verdict({**lead, "baselines": baselines})
     assert score_baselines(samples, [""] * len(samples)) == {}  # nothing to score against (a test file)
+
+
+def test_copy_bias_flags_reach_the_engine_and_copy_more(loaded, shared_data):
+    """--encoder_repetition_penalty and --no_prompt_penalty go from the command line through generation_settings into
+    the engine: the responses take more of the abstract's characters than greedy decoding's do."""
+    model, tokenizer, template = loaded
+    records = [r for r, _ in zip(iter_records(shared_data / "csl" / "clge_val.tsv"), range(6))]
+    samples = [to_sample(r, "csl_abstract2title") for r in records]
+    plain = generation_settings(model, args_for("--max_new_tokens", 16))
+    biased = generation_settings(model, args_for("--max_new_tokens", 16, "--encoder_repetition_penalty", 2.0,
+                                                 "--repetition_penalty", 1.3, "--no_prompt_penalty"))
+    assert biased["encoder_repetition_penalty"] == 2.0 and biased["penalize_prompt"] is False
+    assert "penalize_prompt" not in plain
+
+    def copied(settings):
+        responses = generate_responses(model, tokenizer, template, samples, progress=False, **settings)
+        return sum(ch in s.source for r, s in zip(responses, samples) for ch in r) / sum(map(len, responses))
+
+    assert copied(biased) > copied(plain) + 0.1
