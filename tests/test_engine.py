@@ -343,6 +343,14 @@ def test_an_architecture_without_a_fast_path_goes_through_generate(capsys):
     prompt = _prompts(1)[0]
     r = engine.run([Request(prompt, 8)])[0]
     assert r.tokens == _hf_greedy(model, prompt, 8) and r.finish_reason == "length"
+    # the copy settings reach `generate` too (the prompt bias as its keyword, the penalty on generated tokens only
+    # as a processor), and change what it writes
+    settings = dict(encoder_repetition_penalty=3.0, repetition_penalty=1.5, penalize_prompt=False)
+    ids = torch.tensor([prompt])
+    expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None,
+                              pad_token_id=0, **generate_kwargs(dict(max_new_tokens=8, **settings), len(prompt)))
+    biased = engine.run([Request(prompt, 8, SamplingParams(**settings))])[0].tokens
+    assert biased == expected[0, len(prompt):].tolist() != r.tokens
 
 
 def test_qwen3_with_sliding_window_layers_falls_back_and_says_so(capsys):
