@@ -4,10 +4,12 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from from_scratch import copy_drills, key_clause, make_data  # noqa: E402
+from from_scratch import copy_drills, key_clause, make_data, title_clause  # noqa: E402
 
 
 def test_copy_drills_are_spans_of_their_own_text():
@@ -27,6 +29,17 @@ def test_copy_drills_are_spans_of_their_own_text():
                 if kind != "span":
                     start = text.index(span)
                     assert start == 0 or text[start - 1] in "，。；：", span
+
+
+def test_title_drills_pick_the_clause_closest_to_the_title():
+    text = "日前，某公司在北京发布新款手机，售价一千元起。分析人士认为，此举意在抢占中端市场。"
+    title = "某公司发布新款手机抢占中端市场"
+    assert title_clause(text, title) == "某公司在北京发布新款手机"  # 10 characters in common with the title
+    assert title_clause(text, "意在抢占中端市场") == "此举意在抢占中端市场"
+    drill = copy_drills([text], 3, kind="title", titles=[title])[0].split("\n")
+    assert drill[:2] == [text, "要点：某公司在北京发布新款手机"] and len(drill) == 4
+    with pytest.raises(ValueError, match="one title per text"):
+        copy_drills([text], 3, kind="title")
 
 
 def test_key_clause_is_the_clause_most_like_the_rest():
