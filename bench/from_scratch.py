@@ -193,8 +193,8 @@ def main():
     p.add_argument("--sft", nargs="*", default=[], help="VAR=value for Baichuan-Finetune/ds_finetune.sh")
     p.add_argument("--sft_args", default="", help="extra TrainingArguments flags for the SFT, e.g. "
                                                    "'--weight_decay 0.1 --neftune_noise_alpha 5'")
-    p.add_argument("--decode", nargs="*", default=["copybias=--encoder_repetition_penalty 1.15 --repetition_penalty 1.2 "
-                                                   "--no_prompt_penalty"],
+    p.add_argument("--decode", nargs="*",
+                   default=["copybias=--encoder_repetition_penalty 1.15 --repetition_penalty 1.2 --no_prompt_penalty"],
                    help="NAME=predict.py flags, one prediction per item; greedy= for plain greedy decoding")
     p.add_argument("--drills", type=int, default=12, help="copying drills per pretraining text (copy_drills)")
     p.add_argument("--drill_kind", default="key", choices=("span", "clause", "key", "title"), help="see copy_drills")
@@ -215,7 +215,8 @@ def main():
         pretrain_env["MODEL_CONFIG"] = str(tiny_config)
     steps = 8 if args.tiny else args.pretrain_steps
     model = work / "pretrain"
-    result = {"data": data["counts"], "drills": args.drills, "drill_kind": args.drill_kind, "pretrain": pretrain_env, "seconds": {}}
+    result = {"data": data["counts"], "drills": args.drills, "drill_kind": args.drill_kind, "pretrain": pretrain_env,
+              "seconds": {}}
     result["seconds"]["pretrain"] = run(
         "pretrain", ["bash", "Baichuan-Pretrain/ds_finetune.sh", "--max_steps", str(steps), "--eval_steps",
                      str(max(steps // 6, 1)), "--save_steps", str(max(steps // 6, 1)), *args.pretrain_args.split()],

@@ -10,7 +10,8 @@ count), greedy, --new_tokens new tokens each (EOS left in: a random model stops 
 run). Each run is timed from the command's start to its exit (model loading and warm-up of every process included:
 what the user waits for). Its predictions.jsonl must hold every record once, in input order (the split and merge
 lose, duplicate or reorder nothing: checked, the bench fails otherwise); how many responses differ from the first
-run's is reported (0 on a CPU in fp32; in bf16 on a GPU a different batch mix may change a near-tie's greedy token). Scaling = records/s(n) / (n x records/s(1)); issue 21's target is >= 0.9.
+run's is reported (0 on a CPU in fp32; in bf16 on a GPU a different batch mix may change a near-tie's greedy token).
+Scaling = records/s(n) / (n x records/s(1)); issue 21's target is >= 0.9.
 Writes results.json and results.md into --work (and $OUT when set).
 """
 

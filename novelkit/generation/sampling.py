@@ -4,7 +4,8 @@ Order as `generate`: the prompt's bias (`encoder_repetition_penalty`: above 1 it
 bias that leaves the generated tokens alone), the repetition penalty (on the prompt's and the generated tokens, or
 with `penalize_prompt=False` on the generated ones only, as HF's `prompt_ignore_length`; both also when greedy), then
 for sampled rows temperature, top-k, top-p, then a draw. A row whose setting is neutral (penalties 1, temperature 1,
-top_k 0, top_p 1) is left unchanged, as `generate` leaves out that processor. Rows with a seed draw from their own generator.
+top_k 0, top_p 1) is left unchanged, as `generate` leaves out that processor. Rows with a seed draw from their own
+generator.
 
 Two ways to draw, one distribution. `warp` + a draw is transformers' way: sort the vocabulary, cumulative sum, cut.
 `draw_nucleus` needs no sort, which costs more than a 1.5B model's decode step over a 152k vocabulary at batch 64:
