@@ -59,31 +59,19 @@ def _prompts(batch, vocab, length=PROMPT, seed=0):
     return torch.randint(1000, vocab - 1000, (batch, length), generator=g)
 
 
-def time_naive(model, prompts, new_tokens):
+def time_generate(model, prompts, new_tokens, static: bool = False):
+    """Seconds of one `generate` call after a warm-up. static: transformers' own fast path, the peer (a static KV
+    cache, whose decode step `generate` compiles on a GPU); its warm-up has the same length, as the compiled graph is
+    specific to the cache's size (1-3 minutes per batch size on an H200)."""
     ids = prompts.to(model.device)
+    extra = {"cache_implementation": "static"} if static else {}
     call = lambda n: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,  # noqa: E731
-                                    max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0, **SAMPLING)
-    call(8)  # warm-up
+                                    max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0,
+                                    **SAMPLING, **extra)
+    call(new_tokens if static else 8)  # warm-up
     _sync()
     start = time.perf_counter()
     out = call(new_tokens)
-    _sync()
-    seconds = time.perf_counter() - start
-    assert out.shape[1] == ids.shape[1] + new_tokens
-    return seconds
-
-
-def time_static(model, prompts, new_tokens):
-    """transformers' own fast path, the peer: a static KV cache, whose decode step `generate` compiles on a GPU (its
-    auto-compile). The warm-up is a call of the same length: the compiled graph is specific to the cache's size."""
-    ids = prompts.to(model.device)
-    call = lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,  # noqa: E731
-                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
-                                  pad_token_id=0, cache_implementation="static", **SAMPLING)
-    call()  # warm-up: compiles (1-3 minutes per batch size on an H200)
-    _sync()
-    start = time.perf_counter()
-    out = call()
     _sync()
     seconds = time.perf_counter() - start
     assert out.shape[1] == ids.shape[1] + new_tokens
@@ -318,7 +306,7 @@ def main():
             for new in args.new_tokens:
                 timed = min(new, args.naive_max_tokens)
                 if (batch, timed) not in naive_rate:
-                    naive_rate[batch, timed] = batch * timed / time_naive(model, prompts, timed)
+                    naive_rate[batch, timed] = batch * timed / time_generate(model, prompts, timed)
                 naive = naive_rate[batch, timed]
                 torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
                 redraws = engine.redraws
@@ -331,7 +319,7 @@ def main():
                        "engine_peak_gib": round(peak, 1), "redraws": engine.redraws - redraws,
                        "limit_tokens_per_s": limit, "engine_share_of_limit": rate / limit}
                 if batch in args.peer_batches and new == min(args.new_tokens):
-                    row["static_tokens_per_s"] = batch * timed / time_static(model, prompts, timed)
+                    row["static_tokens_per_s"] = batch * timed / time_generate(model, prompts, timed, static=True)
                     row["engine_over_static"] = rate / row["static_tokens_per_s"]
                 if args.eager_check and new == min(args.new_tokens):
                     eager = Engine(model, max_batch=batch, max_len=PROMPT + new, cuda_graphs=False)

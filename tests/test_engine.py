@@ -11,7 +11,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
 
 from novelkit.generation import sampling
 from novelkit.generation.engine import Detokenizer, Engine, Request
-from novelkit.generation.sampling import Sampler, SamplingParams, generate_kwargs, penalize_repetition, warp
+from novelkit.generation.sampling import Sampler, SamplingParams, hf_generate_kwargs, penalize_repetition, warp
 from tests.tiny_baichuan import random_model
 
 VOCAB = 1000
@@ -126,7 +126,7 @@ def test_prompt_bias_gives_generates_tokens_and_copies_more():
 
 def test_repetition_penalty_on_generated_tokens_only_gives_hfs_prompt_ignore_length():
     """penalize_prompt=False: HF's RepetitionPenaltyLogitsProcessor(prompt_ignore_length=len(prompt)), beside the
-    prompt bias, in the engine and through `generate_kwargs` (the fallback's way into `generate`)."""
+    prompt bias, in the engine and through `hf_generate_kwargs` (the fallback's way into `generate`)."""
     model = MODELS["qwen2"]()
     base = _prompts(1)[0]
     prompt = base + Engine(model, max_batch=1, max_len=64).run([Request(base, 12)])[0].tokens  # what it would say
@@ -135,7 +135,7 @@ def test_repetition_penalty_on_generated_tokens_only_gives_hfs_prompt_ignore_len
                 dict(repetition_penalty=1.5, penalize_prompt=False, encoder_repetition_penalty=2.0),
                 dict(repetition_penalty=1.5)]
     expected = [model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None,
-                               pad_token_id=0, **generate_kwargs(dict(max_new_tokens=15, **s), len(prompt))
+                               pad_token_id=0, **hf_generate_kwargs(dict(max_new_tokens=15, **s), len(prompt))
                                )[0, len(prompt):].tolist() for s in settings]
     got = Engine(model, max_batch=3, max_len=64).run([Request(prompt, 15, SamplingParams(**s)) for s in settings])
     assert [r.tokens for r in got] == expected
@@ -348,7 +348,7 @@ def test_an_architecture_without_a_fast_path_goes_through_generate(capsys):
     settings = dict(encoder_repetition_penalty=3.0, repetition_penalty=1.5, penalize_prompt=False)
     ids = torch.tensor([prompt])
     expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None,
-                              pad_token_id=0, **generate_kwargs(dict(max_new_tokens=8, **settings), len(prompt)))
+                              pad_token_id=0, **hf_generate_kwargs(dict(max_new_tokens=8, **settings), len(prompt)))
     biased = engine.run([Request(prompt, 8, SamplingParams(**settings))])[0].tokens
     assert biased == expected[0, len(prompt):].tolist() != r.tokens
 

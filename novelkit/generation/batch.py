@@ -12,7 +12,7 @@ from ..data.features import left_pad
 from ..data.templates import encode_prompt, stop_token_ids
 from .engine import Engine, Request, engine_step_key, without_partial_character
 from .engine_model import fast_path_problem, unwrap
-from .sampling import generate_kwargs, resolve_sampling
+from .sampling import hf_generate_kwargs, resolve_sampling
 
 
 def generation_kwargs(model, max_new_tokens=None, do_sample=None, temperature=None, top_p=None, top_k=None,
@@ -114,6 +114,6 @@ def _generate_with_hf(model, tokenizer, prompts, order, stops, on_response, batc
         idx = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], tokenizer.pad_token_id).items()}
         generated = model.generate(**batch, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-                                   **generate_kwargs(gen_kwargs, batch["input_ids"].shape[1]))
+                                   **hf_generate_kwargs(gen_kwargs, batch["input_ids"].shape[1]))
         for row, i in enumerate(idx):
             on_response(i, _response_text(tokenizer, generated[row, batch["input_ids"].shape[1]:].tolist(), stops))

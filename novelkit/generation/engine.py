@@ -34,7 +34,7 @@ from transformers import StoppingCriteria
 
 from ..compile_cache import remember_compiled, step_key
 from .engine_model import CachedModel, fast_path_problem, unwrap
-from .sampling import Sampler, SamplingParams, generate_kwargs
+from .sampling import Sampler, SamplingParams, hf_generate_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -505,10 +505,10 @@ def _generate_one(model, tokenizer, r: Request):
             pass
 
     s = r.sampling
-    gen = generate_kwargs(dict(max_new_tokens=r.max_new_tokens, do_sample=s.do_sample,
-                               repetition_penalty=s.repetition_penalty,
-                               encoder_repetition_penalty=s.encoder_repetition_penalty,
-                               penalize_prompt=s.penalize_prompt), len(r.prompt))
+    gen = hf_generate_kwargs(dict(max_new_tokens=r.max_new_tokens, do_sample=s.do_sample,
+                                  repetition_penalty=s.repetition_penalty,
+                                  encoder_repetition_penalty=s.encoder_repetition_penalty,
+                                  penalize_prompt=s.penalize_prompt), len(r.prompt))
     if s.do_sample:
         gen.update(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
     if s.seed is not None:

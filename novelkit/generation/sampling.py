@@ -62,7 +62,7 @@ def resolve_sampling(model, seed=None, **given) -> SamplingParams:
                           penalize_prompt=values["penalize_prompt"], seed=seed)
 
 
-def generate_kwargs(gen: dict, prompt_length: int) -> dict:
+def hf_generate_kwargs(gen: dict, prompt_length: int) -> dict:
     """`generate`'s keywords for these settings: `penalize_prompt=False` has no keyword there, it becomes HF's
     RepetitionPenaltyLogitsProcessor with `prompt_ignore_length` (the prompt's length, left padding included).
     `generate` runs a processor given this way after its own ones: the same tokens when greedy."""
@@ -191,8 +191,9 @@ class Sampler:
         self.in_prompt[row] = False
         if params.penalizes:
             prompt_ids = torch.tensor(prompt, device=self.device)
-            self.seen[row, prompt_ids] = params.penalize_prompt
             self.in_prompt[row, prompt_ids] = True
+            if params.penalize_prompt:
+                self.seen[row, prompt_ids] = True
         self.generators[row] = None
         if params.seed is not None and params.do_sample:
             self.generators[row] = torch.Generator(self.device).manual_seed(params.seed)
