@@ -173,10 +173,33 @@ def _hf_filtered(logits, temperature, top_k, top_p):
     return out[0]
 
 
+def test_chunked_row_reductions_equal_whole_row_ones(monkeypatch):
+    """The sampler's reductions split the vocabulary into chunks (sampling.SPLIT): same maxima, sums, top-k and
+    argmax, the first of tied maxima included."""
+    monkeypatch.setattr(sampling, "MIN_CHUNK", 16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 480, generator=g).round(decimals=1)  # many ties
+    x[1, 100:] = -float("inf")
+    x[2, 17] = x[2, 300] = x[2].max() + 1  # a tie for the top across chunks
+    assert sampling._chunked(x).shape == (5, 30, 16)
+    assert torch.equal(sampling.row_argmax(x), x.argmax(dim=-1)) and sampling.row_argmax(x)[2] == 17
+    assert torch.equal(sampling.row_max(x), x.amax(dim=-1, keepdim=True))
+    assert torch.allclose(sampling.row_softmax(x), x.softmax(dim=-1), atol=1e-6)
+    finite = x.clamp(min=-10)
+    assert torch.allclose(sampling.row_sum(finite), finite.sum(dim=-1, keepdim=True), atol=1e-4)
+    for k in (1, 4, 40):
+        values, indices = sampling.row_topk(x, k)
+        assert torch.equal(values, x.topk(k, dim=-1).values)
+        assert torch.equal(x.gather(-1, indices), values)
+
+
+@pytest.mark.parametrize("min_chunk", [1024, 8])  # whole rows; the vocabulary of 40 in 5 chunks
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 0, 0.7), (1.2, 10, 0.9), (1.0, 5, 1.0), (0.7, 0, 0.3)])
-def test_the_sorting_free_draw_has_the_distribution_of_hfs_filters(temperature, top_k, top_p):
+def test_the_sorting_free_draw_has_the_distribution_of_hfs_filters(temperature, top_k, top_p, min_chunk,
+                                                                     monkeypatch):
     """50,000 draws of one row through Sampler.choose (and `redraw` for its misses): never a token HF's filters
     remove, and frequencies within 0.02 total variation of HF's filtered probabilities."""
+    monkeypatch.setattr(sampling, "MIN_CHUNK", min_chunk)
     torch.manual_seed(0)
     vocab, n = 40, 50_000
     base = torch.randn(vocab, generator=torch.Generator().manual_seed(3)) * 2
@@ -399,6 +422,23 @@ def test_the_compiled_decode_step_gives_the_same_tokens():
     print(f"compiled path: {time.perf_counter() - start:.1f} s")
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "baichuan-13b"])  # RoPE and GQA; ALiBi
+def test_one_compilation_serves_every_length_and_batch(kind):
+    """On CUDA each (batch, length) bucket is a graph of its own and a compilation of the decode step costs about a
+    minute on an H200: one compilation serves lengths up to the whole cache and every batch size."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    engine = Engine(MODELS[kind](), max_batch=3, max_len=192, compile=True)
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        for batch in (2, 3):
+            for length in (64, 128, 192):
+                engine.compiled(engine.token_buffer[:batch], engine.position_buffer[:batch], length)
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
 def test_kv_cache_is_fitted_to_free_gpu_memory(monkeypatch):
     from novelkit.errors import ConfigError
     from novelkit.generation.engine import fit_cache_in_memory
@@ -436,6 +476,27 @@ def test_on_cuda_graph_replays_draw_fresh_noise_with_the_filters_distribution():
     freq = torch.bincount(replayed.flatten(), minlength=VOCAB).float() / replayed.numel()
     assert freq[expected == 0].sum() == 0
     assert 0.5 * (freq - expected).abs().sum() < 0.06
+
+
+@pytest.mark.gpu
+def test_on_cuda_one_compilation_serves_every_length_bucket():
+    """On CUDA inductor's matmul padding pass guarded the cache length to the warm-up's range (7 <= length <= 127) and
+    the step was compiled again at 128 and 192, up to a minute each on a 1.5B model. After the warm-up, decoding up
+    to the whole cache adds no compilation. (Passed on the H200, torch 2.11, Qwen2-1.5B layer sizes: 4 graphs after
+    the warm-up, 4 after lengths 128-320; 6 before the fix.)"""
+    from torch._dynamo.utils import counters
+
+    config = Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=2, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096)
+    model = Qwen2ForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    engine = Engine(model, max_batch=4, max_len=320)
+    torch._dynamo.reset()
+    engine.warm_up()
+    after_warm_up = counters["stats"]["unique_graphs"]
+    done = engine.run([Request(list(range(100, 164)), 256, ignore_eos=True) for _ in range(2)])
+    assert [len(r.tokens) for r in done] == [256, 256]
+    assert {key[1] for key in engine.graphs} >= {128, 192, 256, 320}
+    assert counters["stats"]["unique_graphs"] == after_warm_up
 
 
 def test_length_buckets_are_few_and_waste_at_most_an_eighth_or_64():

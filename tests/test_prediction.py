@@ -22,7 +22,8 @@ from novelkit.data.formats import Sample, to_sample
 from novelkit.generation.batch import generate_responses
 from novelkit.models.loading import write_base_fingerprint
 from novelkit.evaluation.prediction import (PredictionLog, generation_settings, load_for_prediction, prediction_parser,
-                                 predict_file, read_data, score_baselines, score_responses, baseline_verdict)
+                                 interactive, predict_file, read_data, score_baselines, score_responses,
+                                 baseline_verdict)
 from novelkit.data.readers import iter_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,3 +264,40 @@ def test_copy_bias_flags_reach_the_engine_and_copy_more(loaded, shared_data):
         return sum(ch in s.source for r, s in zip(responses, samples) for ch in r) / sum(map(len, responses))
 
     assert copied(biased) > copied(plain) + 0.1
+
+
+def test_minimum_bayes_risk_picks_the_candidate_closest_to_the_others():
+    from novelkit.generation.batch import choose_by_consensus
+
+    assert choose_by_consensus(["abcd", "abce", "xyz", "abcf"]) == "abcd"  # the first of three equals
+    assert choose_by_consensus(["", "标题一", "标题二", "另外的题"]) == "标题一"
+    assert choose_by_consensus(["only"]) == "only"
+
+
+def test_mbr_chooses_each_response_among_the_greedy_one_and_samples(loaded, csl_dev, tmp_path, monkeypatch):
+    """--mbr 4: every record's candidates are its greedy response and 3 samples, and the response written is the
+    one minimum Bayes risk chooses among them."""
+    from novelkit.generation import batch
+
+    model, tokenizer, template = loaded
+    flags = ["--data", csl_dev, "--batch_size", 4, "--max_new_tokens", 10]
+    greedy = predict_file(model, tokenizer, template, args_for(*flags, "--output_dir", tmp_path / "greedy"))
+    seen, consensus = [], batch.choose_by_consensus
+
+    def choose(candidates):
+        seen.append(list(candidates))
+        return consensus(candidates)
+
+    monkeypatch.setattr(batch, "choose_by_consensus", choose)
+    chosen = predict_file(model, tokenizer, template,
+                          args_for(*flags, "--mbr", 4, "--temperature", 1.5, "--output_dir", tmp_path / "mbr"))
+    assert chosen["samples"] == greedy["samples"] == len(seen)
+    plain = [json.loads(line)["response"] for line in open(tmp_path / "greedy" / "predictions.jsonl")]
+    written = [json.loads(line)["response"] for line in open(tmp_path / "mbr" / "predictions.jsonl")]
+    assert all(len(c) == 4 for c in seen)
+    assert sorted(c[0] for c in seen) == sorted(plain)  # the first candidate is the greedy response
+    assert any(len(set(c)) > 1 for c in seen)  # the samples differ
+    assert sorted(written) == sorted(consensus(c) for c in seen)
+    assert written != plain  # some record took a sample
+    with pytest.raises(ConfigError, match="--mbr"):
+        interactive(model, tokenizer, template, args_for("--interactive", "--mbr", 4))

@@ -91,7 +91,9 @@ class CachedModel:
         self.slots, self.max_len = slots, max_len
         embed = inner.get_input_embeddings()
         self.device, self.dtype = embed.weight.device, embed.weight.dtype
-        shape = (slots, self.kv_heads, max_len, self.head_dim)
+        # one position more than is ever read: a read of the whole cache would be a contiguous slice, and the
+        # compiled step, which checks, would be compiled again for that length
+        shape = (slots, self.kv_heads, max_len + 1, self.head_dim)
         self.keys = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.key_index = torch.arange(max_len, device=self.device)
@@ -231,7 +233,10 @@ class CachedModel:
         step (norms, RoPE, cache write, mask) fuse into a few. Batch and length are dynamic dimensions, so one
         compilation serves every (batch, length) bucket; batch must be >= 2 (a size of 1 would be specialised)."""
         use_compile_cache()
-        compiled = torch.compile(self.decode_over)
+        # no shape padding: on CUDA inductor's pad_mm pass asks whether each matmul is compute-bound, which guards the
+        # cache length to a range (7 <= length <= 127) and compiled the step again for longer lengths; decoding's
+        # matmuls are memory-bound, padding them gains nothing
+        compiled = torch.compile(self.decode_over, options={"shape_padding": False})
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
         def call(tokens, positions, length):
@@ -270,11 +275,17 @@ class CachedModel:
             keys[rows, :, positions] = k[:, :, 0]
             values[rows, :, positions] = v[:, :, 0]
             # GQA: the `group` query heads of one kv head act as its query length, so K/V are never repeated.
-            q = q.reshape(batch, self.kv_heads, group, self.head_dim)
-            # two matrix products and a float32 softmax (as SDPA's math): compiled, these beat the fused SDPA
-            # kernels for a single query (measured on an H200: 1.98 vs 2.24 ms per Qwen2-1.5B step at batch 1)
-            scores = torch.matmul(q, keys[:batch, :, :length].transpose(-1, -2)).float() * self.head_dim ** -0.5
-            out = torch.matmul((scores + additive).softmax(-1).to(q.dtype), values[:batch, :, :length])
+            q = q.reshape(batch * self.kv_heads, group, self.head_dim)
+            # two batched matrix products and a float32 softmax (as SDPA's math): compiled, these beat the fused SDPA
+            # kernels for a single query (measured on an H200: 1.98 vs 2.24 ms per Qwen2-1.5B step at batch 1).
+            # The cache is read through a view of fixed shape, sliced (matmul would reshape the strided slice, and
+            # the guards of that reshape compiled the step again for new lengths).
+            shape = (self.slots * self.kv_heads, self.max_len + 1, self.head_dim)
+            k_read = keys.view(shape)[:batch * self.kv_heads, :length]
+            v_read = values.view(shape)[:batch * self.kv_heads, :length]
+            scores = torch.bmm(q, k_read.transpose(1, 2)).float() * self.head_dim ** -0.5
+            probs = (scores.view(batch, self.kv_heads, group, length) + additive).softmax(-1).to(q.dtype)
+            out = torch.bmm(probs.view(batch * self.kv_heads, group, length), v_read)
             return layer.self_attn.o_proj(out.reshape(batch, 1, -1))
 
         h = self._run_layers(self.model.get_input_embeddings()(tokens[:, None]), attend)
