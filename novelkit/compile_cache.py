@@ -25,15 +25,21 @@ def use_compile_cache() -> str:
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
+# the code the compiled decode step is traced from: a change to it compiles anew, whatever the marker says
+STEP_SOURCES = ("generation/engine_model.py", "generation/sampling.py")
+
+
 def step_key(config, dtype, device, frozen: bool) -> str:
-    """What the compiled decode step depends on: the model's sizes, dtype, GPU, torch version, frozen weights."""
+    """What the compiled decode step depends on: the model's sizes, dtype, GPU, torch version, frozen weights and the
+    step's own code."""
     import torch
 
     fields = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
     described = {name: getattr(config, name, None) for name in fields}
     gpu = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
-    described.update(dtype=str(dtype), gpu=gpu, torch=torch.__version__, frozen=frozen)
+    code = hashlib.sha256(b"".join((Path(__file__).parent / name).read_bytes() for name in STEP_SOURCES))
+    described.update(dtype=str(dtype), gpu=gpu, torch=torch.__version__, frozen=frozen, code=code.hexdigest()[:16])
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

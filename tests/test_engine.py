@@ -3,6 +3,8 @@ transformers' `generate` for Llama (and Llama 3's RoPE scaling), Qwen2 (GQA, qkv
 RMSNorm) and every Baichuan position/head variant,
 mixed-length batches, requests joining mid-way, stops, streaming, and sampling filters equal to HF's processors."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
@@ -437,6 +439,22 @@ def test_one_compilation_serves_every_length_and_batch(kind):
             for length in (64, 128, 192):
                 engine.compiled(engine.token_buffer[:batch], engine.position_buffer[:batch], length)
     assert counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_the_compiled_step_marker_changes_with_the_steps_code(tmp_path, monkeypatch):
+    """A job decides whether compiling pays from whether the step was compiled before (compile_cache.compiled_before):
+    after an update of the step's code the marker must not say so."""
+    from novelkit import compile_cache
+
+    config = MODELS["qwen2"]().config
+    assert all((Path(compile_cache.__file__).parent / name).is_file() for name in compile_cache.STEP_SOURCES)
+    source = tmp_path / "engine_model.py"
+    source.write_text("step, version 1")
+    monkeypatch.setattr(compile_cache, "STEP_SOURCES", (str(source),))
+    key = compile_cache.step_key(config, torch.float32, "cpu", True)
+    assert compile_cache.step_key(config, torch.float32, "cpu", True) == key
+    source.write_text("step, version 2")
+    assert compile_cache.step_key(config, torch.float32, "cpu", True) != key
 
 
 def test_kv_cache_is_fitted_to_free_gpu_memory(monkeypatch):
