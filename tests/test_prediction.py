@@ -267,7 +267,7 @@ def test_copy_bias_flags_reach_the_engine_and_copy_more(loaded, shared_data):
 
 
 def test_minimum_bayes_risk_picks_the_candidate_closest_to_the_others():
-    from novelkit.generation.batch import choose_by_consensus
+    from novelkit.evaluation.prediction import choose_by_consensus
 
     assert choose_by_consensus(["abcd", "abce", "xyz", "abcf"]) == "abcd"  # the first of three equals
     assert choose_by_consensus(["", "标题一", "标题二", "另外的题"]) == "标题一"
@@ -277,18 +277,18 @@ def test_minimum_bayes_risk_picks_the_candidate_closest_to_the_others():
 def test_mbr_chooses_each_response_among_the_greedy_one_and_samples(loaded, csl_dev, tmp_path, monkeypatch):
     """--mbr 4: every record's candidates are its greedy response and 3 samples, and the response written is the
     one minimum Bayes risk chooses among them."""
-    from novelkit.generation import batch
+    from novelkit.evaluation import prediction
 
     model, tokenizer, template = loaded
     flags = ["--data", csl_dev, "--batch_size", 4, "--max_new_tokens", 10]
     greedy = predict_file(model, tokenizer, template, args_for(*flags, "--output_dir", tmp_path / "greedy"))
-    seen, consensus = [], batch.choose_by_consensus
+    seen, consensus = [], prediction.choose_by_consensus
 
     def choose(candidates):
         seen.append(list(candidates))
         return consensus(candidates)
 
-    monkeypatch.setattr(batch, "choose_by_consensus", choose)
+    monkeypatch.setattr(prediction, "choose_by_consensus", choose)
     chosen = predict_file(model, tokenizer, template,
                           args_for(*flags, "--mbr", 4, "--temperature", 1.5, "--output_dir", tmp_path / "mbr"))
     assert chosen["samples"] == greedy["samples"] == len(seen)

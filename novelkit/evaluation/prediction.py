@@ -34,7 +34,7 @@ from ..generation.batch import generate_each, generation_kwargs
 from ..models.loading import adapter_base_path, load_model, load_tokenizer
 from ..outputs import write_json_atomic, write_jsonl_atomic
 from .ner_metrics import entity_scores, is_ner_answer
-from .rouge import DEFINITIONS, LEVELS, METRICS, corpus_rouge, rouge_table
+from .rouge import DEFINITIONS, LEVELS, METRICS, corpus_rouge, lcs_length, rouge_table
 from ..shards import gather_to_first, process_shard, start_shards, stop_shards
 
 RESPONSE_FIELDS = {"alpaca": "output", "instruct": "answer", "input_label": "label"}  # filled in submission mode
@@ -225,7 +225,38 @@ class PredictionLog:
         return [r["response"] for r in rows]
 
 
-def generate_missing(model, tokenizer, template, samples, log: PredictionLog, *, batch_size: int, **gen) -> int:
+def choose_by_consensus(candidates: list[str]) -> str:
+    """Minimum Bayes risk: the candidate with the highest mean character ROUGE-L F against the others (the expected
+    score if one of them were the reference), the first of equals."""
+    def rouge_l(a: str, b: str) -> float:
+        return 2 * lcs_length(list(a), list(b)) / (len(a) + len(b)) if a and b else 0.0
+
+    totals = [sum(rouge_l(a, b) for j, b in enumerate(candidates) if j != i) for i, a in enumerate(candidates)]
+    return candidates[totals.index(max(totals))]
+
+
+def generate_by_consensus(model, tokenizer, template, samples, on_response, mbr: int, *, batch_size: int,
+                          **gen) -> None:
+    """generate_each's on_response(index, response) with each response chosen among `mbr` candidates by
+    choose_by_consensus: the decoding without sampling and mbr - 1 samples drawn with the sampling settings given.
+    Two passes through the engine; the samples' pass decodes the samples repeated, continuously batched."""
+    found: list[list[str]] = [[] for _ in samples]
+
+    def collect(i, text):
+        i %= len(samples)
+        found[i].append(text)
+        if len(found[i]) == mbr:
+            on_response(i, choose_by_consensus(found[i]))
+
+    plain = {k: v for k, v in gen.items() if k not in ("temperature", "top_p", "top_k")}
+    generate_each(model, tokenizer, template, samples, collect, batch_size=batch_size, progress=False,
+                  **{**plain, "do_sample": False})
+    generate_each(model, tokenizer, template, list(samples) * (mbr - 1), collect, batch_size=batch_size,
+                  progress=False, **{**gen, "do_sample": True})
+
+
+def generate_missing(model, tokenizer, template, samples, log: PredictionLog, *, batch_size: int, mbr: int = 1,
+                     **gen) -> int:
     """Generate this process's records that `log` lacks, each written to it as soon as it is finished. The engine
     gives every sequence its own cache slot and positions, so a response does not depend on which records share its
     batch (tests/test_engine.py: the same tokens alone and batched): a resumed or split run gives the uninterrupted
@@ -238,8 +269,11 @@ def generate_missing(model, tokenizer, template, samples, log: PredictionLog, *,
             log.append([log.row(missing[k], response)])
             bar.update(1)
 
-        generate_each(model, tokenizer, template, [samples[i] for i in missing], record, batch_size=batch_size,
-                      progress=False, **gen)
+        todo = [samples[i] for i in missing]
+        if mbr > 1:
+            generate_by_consensus(model, tokenizer, template, todo, record, mbr, batch_size=batch_size, **gen)
+        else:
+            generate_each(model, tokenizer, template, todo, record, batch_size=batch_size, progress=False, **gen)
     return len(missing)
 
 

@@ -4,15 +4,12 @@ Models the engine cannot run go through transformers' `generate` in left-padded 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from tqdm.auto import tqdm
 
 from ..compile_cache import compiled_before
 from ..data.features import left_pad
 from ..data.templates import encode_prompt, stop_token_ids
-from ..evaluation.rouge import lcs_length
 from .engine import Engine, Request, engine_step_key, without_partial_character
 from .engine_model import fast_path_problem, unwrap
 from .sampling import hf_generate_kwargs, resolve_sampling
@@ -59,36 +56,9 @@ def worth_compiling(prompts: int, batch_size: int, max_new_tokens: int, cached: 
     return steps >= COMPILE_MIN_STEPS["cached" if cached else "cold"]
 
 
-def choose_by_consensus(candidates: list[str]) -> str:
-    """Minimum Bayes risk: the candidate with the highest mean character ROUGE-L F against the others (the expected
-    score if one of them were the reference), the first of equals."""
-    def rouge_l(a: str, b: str) -> float:
-        return 2 * lcs_length(list(a), list(b)) / (len(a) + len(b)) if a and b else 0.0
-
-    totals = [sum(rouge_l(a, b) for j, b in enumerate(candidates) if j != i) for i, a in enumerate(candidates)]
-    return candidates[totals.index(max(totals))]
-
-
-def _generate_by_consensus(generate, samples, on_response, mbr: int, gen: dict) -> None:
-    """`mbr` candidates per sample, its decoding without sampling and mbr - 1 samples, then on_response(index,
-    choose_by_consensus(candidates)). `generate(samples, on_response, **gen)`: generate_each with the job's other
-    arguments. Two passes: the samples' pass decodes the samples repeated, continuously batched as any job."""
-    found: list[list[str]] = [[] for _ in samples]
-
-    def collect(i, text):
-        i %= len(samples)
-        found[i].append(text)
-        if len(found[i]) == mbr:
-            on_response(i, choose_by_consensus(found[i]))
-
-    plain = {k: v for k, v in gen.items() if k not in ("temperature", "top_p", "top_k")}
-    generate(samples, collect, **{**plain, "do_sample": False})
-    generate(list(samples) * (mbr - 1), collect, **{**gen, "do_sample": True})
-
-
 @torch.inference_mode()
 def generate_each(model, tokenizer, template, samples, on_response, *, batch_size=8, progress=True,
-                  in_training=False, mbr: int = 1, **gen_kwargs) -> None:
+                  in_training=False, **gen_kwargs) -> None:
     """Calls on_response(index, response) for every sample as soon as its response is finished. `batch_size`:
     sequences decoded together (the engine's slots; a finished one's slot takes the next prompt at once).
 
@@ -96,15 +66,7 @@ def generate_each(model, tokenizer, template, samples, on_response, *, batch_siz
     was: no frozen (fused) weights, which would turn parameters into inference tensors that the next backward cannot
     use, and no compilation, which each evaluation would pay again. Said by the caller, not read from the model: the
     Trainer puts the model in eval mode before it evaluates. Otherwise a GPU engine compiles its decode step when the
-    job is long enough to win the compilation back (`worth_compiling`).
-
-    `mbr` > 1: each response is chosen among that many candidates by minimum Bayes risk (choose_by_consensus), the
-    decoding without sampling and mbr - 1 samples drawn with the sampling settings given."""
-    if mbr > 1:
-        generate = functools.partial(generate_each, model, tokenizer, template, batch_size=batch_size,
-                                     progress=progress, in_training=in_training)
-        _generate_by_consensus(generate, samples, on_response, mbr, gen_kwargs)
-        return
+    job is long enough to win the compilation back (`worth_compiling`)."""
 
     prompts = [encode_prompt(tokenizer, template, s) for s in samples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
