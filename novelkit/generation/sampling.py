@@ -108,7 +108,7 @@ def warp(logits, temperature, top_k, top_p):
 CANDIDATES = 4  # Gumbel-order candidates per row and step: a miss costs one sorting redraw of that row
 FAST_TOP_K = 64  # top-k filters up to this size are applied without a sort
 # A reduction over a whole row (150k entries) runs as one thread block per row: ~100 us on an H200 at 1 to 64 rows,
-# as much as 5 layers of a 1.5B model. Split into chunks of the vocabulary, each reduction runs on rows x chunks.
+# as long as two layers of a 1.5B model. Split into chunks of the vocabulary, each reduction runs on rows x chunks.
 SPLIT = 64  # chunks at most
 MIN_CHUNK = 1024  # entries per chunk at least
 
