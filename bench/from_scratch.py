@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from novelkit.data.formats import CSL_ABSTRACT2TITLE_PROMPT, LCSTS_PROMPT, load_samples  # noqa: E402
-from novelkit.evaluation.rouge import lcs_length  # noqa: E402
+from novelkit.evaluation.rouge import rouge_l_f  # noqa: E402
 from novelkit.outputs import write_jsonl_atomic  # noqa: E402
 
 # the defaults are the best recipe measured (docs/from_scratch.md, run 7 b): 8 x 512 layers with a 6,000-piece
@@ -91,10 +91,7 @@ def key_clause(text: str) -> str:
 def title_clause(text: str, title: str) -> str:
     """The clause closest to the text's own title by character ROUGE-L F (the metric the held-out sets are scored
     with), its closing punctuation dropped: which clause a title writer would copy, learnt from training pairs."""
-    def f(part: str) -> float:
-        common = lcs_length(list(part), list(title))
-        return 2 * common / (len(part) + len(title)) if part and title else 0.0
-    scored = [(f(c.rstrip(CLAUSE_END)), -i, c) for i, c in enumerate(clauses(text)) if len(c) >= 5]
+    scored = [(rouge_l_f(list(c.rstrip(CLAUSE_END)), list(title)), -i, c) for i, c in enumerate(clauses(text)) if len(c) >= 5]
     return (max(scored)[2] if scored else text).rstrip(CLAUSE_END)[:32]
 
 

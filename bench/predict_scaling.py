@@ -28,6 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+sys.path.insert(0, str(ROOT))
+
+from novelkit.data.readers import iter_records  # noqa: E402
 
 
 def sh(argv, env=None, log: Path | None = None) -> float:
@@ -46,12 +49,8 @@ def make_records(assets: Path, work: Path, count: int) -> Path:
     own index so that the merge order is checked)."""
     sh([PY, "Baichuan-Finetune/prepare_data.py", "csl", "--raw", str(assets / "data" / "csl" / "clge_val.tsv"),
         "--output_dir", str(work / "csl")])
-    rows = []
-    for name in ("train", "dev", "test"):
-        path = work / "csl" / f"{name}.json"
-        if path.exists():
-            text = path.read_text(encoding="utf-8").strip()
-            rows += json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines()]
+    rows = [r.data for name in ("train", "dev", "test") if (work / "csl" / f"{name}.json").exists()
+            for r in iter_records(work / "csl" / f"{name}.json")]
     records = [dict(rows[i % len(rows)]) for i in range(count)]
     out = work / "records.jsonl"
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

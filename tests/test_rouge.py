@@ -266,3 +266,12 @@ def test_rouge_table():
         "| rouge-2 | 0.00 | 0.00 | 0.00 |\n"
         "| rouge-l | 100.00 | 12.35 | 21.98 |"
     )
+
+
+def test_rouge_l_f_is_the_standard_definitions_rouge_l():
+    from novelkit.evaluation.rouge import rouge_l_f, rouge_scores
+
+    for hyp, ref in (("天气很好今天", "今天天气很好"), ("ab", "abc"), ("xyz", "abc")):
+        expected = rouge_scores(list(hyp), list(ref), "standard")["rouge-l"]["f"]
+        assert abs(rouge_l_f(list(hyp), list(ref)) - expected) < 1e-12
+    assert rouge_l_f([], ["a"]) == 0.0

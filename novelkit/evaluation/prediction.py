@@ -34,7 +34,7 @@ from ..generation.batch import generate_each, generation_kwargs
 from ..models.loading import adapter_base_path, load_model, load_tokenizer
 from ..outputs import write_json_atomic, write_jsonl_atomic
 from .ner_metrics import entity_scores, is_ner_answer
-from .rouge import DEFINITIONS, LEVELS, METRICS, corpus_rouge, lcs_length, rouge_table
+from .rouge import DEFINITIONS, LEVELS, METRICS, corpus_rouge, rouge_l_f, rouge_table
 from ..shards import gather_to_first, process_shard, start_shards, stop_shards
 
 RESPONSE_FIELDS = {"alpaca": "output", "instruct": "answer", "input_label": "label"}  # filled in submission mode
@@ -228,10 +228,8 @@ class PredictionLog:
 def choose_by_consensus(candidates: list[str]) -> str:
     """Minimum Bayes risk: the candidate with the highest mean character ROUGE-L F against the others (the expected
     score if one of them were the reference), the first of equals."""
-    def rouge_l(a: str, b: str) -> float:
-        return 2 * lcs_length(list(a), list(b)) / (len(a) + len(b)) if a and b else 0.0
-
-    totals = [sum(rouge_l(a, b) for j, b in enumerate(candidates) if j != i) for i, a in enumerate(candidates)]
+    chars = [list(c) for c in candidates]
+    totals = [sum(rouge_l_f(a, b) for j, b in enumerate(chars) if j != i) for i, a in enumerate(chars)]
     return candidates[totals.index(max(totals))]
 
 

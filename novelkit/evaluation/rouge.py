@@ -74,6 +74,11 @@ def lcs_length(a: list, b: list) -> int:
     return len(a) - v.bit_count()
 
 
+def rouge_l_f(a: list, b: list) -> float:
+    """ROUGE-L F of two token lists, 2 LCS / (|a| + |b|) (the standard definition's F); 0 when either is empty."""
+    return 2 * lcs_length(a, b) / (len(a) + len(b)) if a and b else 0.0
+
+
 def _rouge_chinese_words(tokens: list[str]) -> list[str]:
     """The word list rouge_chinese scores for " ".join(tokens).
 
