@@ -81,3 +81,17 @@ def test_the_suite_refuses_an_unknown_part(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         gpu_recipes.main()
     assert "unknown parts ['nope']" in capsys.readouterr().err
+
+
+def test_the_tianchi_job_runs_only_when_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_recipes.time, "sleep", lambda seconds: None)  # the lanes' staggered starts
+
+    def lanes_run(only):
+        suite = Suite(tmp_path / "work", tmp_path, tmp_path / "out", budget_s=60, only=only)
+        ran = []
+        suite.run_lanes(gpu_recipes.LANES, {part: lambda s, part=part: ran.append(part) for part in gpu_recipes.PARTS})
+        return sorted(ran)
+
+    assert lanes_run(set()) == sorted(p for p in gpu_recipes.PARTS if p != "tianchi")  # the whole suite
+    assert lanes_run({"tianchi"}) == ["tianchi"]
+    assert lanes_run({"shapes", "tianchi"}) == ["shapes", "tianchi"]
