@@ -57,11 +57,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int, block_k: int, warps: in
 
 def projections(shape: dict) -> dict[str, tuple[int, int]]:
     """(N, K) of each fused projection the engine runs per layer (engine_model.fuse_linear_weights), and the head."""
-    h, heads, kv = shape["hidden_size"], shape["num_attention_heads"], shape.get("num_key_value_heads")
-    kv = kv or heads
-    head_dim = h // heads
+    h, heads = shape["hidden_size"], shape["num_attention_heads"]
+    kv = shape.get("num_key_value_heads") or heads
+    head_dim = shape.get("head_dim") or h // heads  # Qwen3 gives its own
     inter = shape["intermediate_size"]
-    return {"qkv": (h + 2 * kv * head_dim, h), "o": (h, h), "gate_up": (2 * inter, h), "down": (h, inter),
+    return {"qkv": ((heads + 2 * kv) * head_dim, h), "o": (h, heads * head_dim), "gate_up": (2 * inter, h),
+            "down": (h, inter),
             "head": (shape["vocab_size"], h)}
 
 

@@ -91,7 +91,9 @@ def key_clause(text: str) -> str:
 def title_clause(text: str, title: str) -> str:
     """The clause closest to the text's own title by character ROUGE-L F (the metric the held-out sets are scored
     with), its closing punctuation dropped: which clause a title writer would copy, learnt from training pairs."""
-    scored = [(rouge_l_f(list(c.rstrip(CLAUSE_END)), list(title)), -i, c) for i, c in enumerate(clauses(text)) if len(c) >= 5]
+    target = list(title)
+    scored = [(rouge_l_f(list(c.rstrip(CLAUSE_END)), target), -i, c)
+              for i, c in enumerate(clauses(text)) if len(c) >= 5]
     return (max(scored)[2] if scored else text).rstrip(CLAUSE_END)[:32]
 
 

@@ -229,7 +229,12 @@ def choose_by_consensus(candidates: list[str]) -> str:
     """Minimum Bayes risk: the candidate with the highest mean character ROUGE-L F against the others (the expected
     score if one of them were the reference), the first of equals."""
     chars = [list(c) for c in candidates]
-    totals = [sum(rouge_l_f(a, b) for j, b in enumerate(chars) if j != i) for i, a in enumerate(chars)]
+    totals = [0.0] * len(chars)
+    for i in range(len(chars)):
+        for j in range(i + 1, len(chars)):  # the F is symmetric: each pair once
+            f = rouge_l_f(chars[i], chars[j])
+            totals[i] += f
+            totals[j] += f
     return candidates[totals.index(max(totals))]
 
 
