@@ -240,6 +240,46 @@ def test_missed_draws_are_drawn_again_inside_the_nucleus(monkeypatch):
             assert _hf_filtered(logits[step], 0.5, 0, 0.4)[token] > -float("inf"), step
 
 
+def test_each_step_is_launched_before_the_previous_ones_tokens_are_read():
+    """The host reads step n's token while the device runs step n + 1 (launched first), and a request that ends by
+    length costs no step past its last token: 9 decode steps for 10 tokens (the first comes from the prefill)."""
+    engine = Engine(MODELS["qwen2"](), max_batch=2, max_len=64)
+    request = Request(_prompts(1)[0], max_new_tokens=10)
+    read_at_launch = []
+    decode_step = engine._decode_step
+    engine._decode_step = lambda *args, **kwargs: (read_at_launch.append(len(request.tokens)),
+                                                   decode_step(*args, **kwargs))[1]
+    engine.run([request])
+    assert read_at_launch == [1, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert len(request.tokens) == 10
+
+
+def test_missed_draws_under_a_repetition_penalty_count_only_the_rows_own_tokens(monkeypatch):
+    """As above with a repetition penalty. The step launched before a miss is drawn again (engine._collect) marks a
+    token of its own for that row; the row's marks are set again from its tokens, so every token lies in the set
+    HF keeps from the logits penalised for the row's own prompt and tokens."""
+    monkeypatch.setattr(sampling, "CANDIDATES", 1)
+    model = MODELS["llama"]()
+    engine = Engine(model, max_batch=3, max_len=64)
+    params = SamplingParams(do_sample=True, temperature=0.5, top_p=0.4, repetition_penalty=5.0)
+    requests = [engine.add(Request(p, 16, params)) for p in _prompts(3, seed=4)]
+    while engine.busy:
+        engine.step()
+        for slot, seq in engine.active.items():  # marked: its own tokens, and the one of a step not read yet
+            marked = set(engine.sampler.seen[slot].nonzero()[:, 0].tolist())
+            own = set(seq.request.prompt) | set(seq.request.tokens)
+            assert own <= marked and len(marked - own) <= seq.ahead
+    assert engine.redraws > 10
+    for r in requests:
+        ids = r.prompt + r.tokens
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        for step, token in enumerate(r.tokens):
+            at = len(r.prompt) + step
+            penalised = RepetitionPenaltyLogitsProcessor(5.0)(torch.tensor([ids[:at]]), logits[at - 1][None])[0]
+            assert _hf_filtered(penalised, 0.5, 0, 0.4)[token] > -float("inf"), step
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "baichuan2-7b"])
 def test_frozen_weights_give_the_same_tokens_and_leave_the_model_as_it_was(kind):
     model = MODELS[kind]()

@@ -9,7 +9,8 @@ slot and decodes one token per step at its own position, so requests join and le
 decode step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed: one launch per
 step instead of hundreds of kernel launches from Python, which is what bounds `generate` at small batches. Sampling
 (sampling.py, per-row settings) is part of the graph, and the step's inputs stay on the device, so a step costs
-the host one replay and one read of the chosen tokens. On CUDA the model's decode step is also compiled with
+the host one replay and one read of the chosen tokens; and the host reads step n's tokens (streams them, checks stops)
+while the device runs step n + 1, launched before them, so that the GPU does not wait for the host between steps. On CUDA the model's decode step is also compiled with
 torch.compile (inductor) before capture (`compile=False` for a model being trained): it fuses the
 dozens of small kernels per layer that calling the model's own modules costs; batch and cache length are dynamic
 dimensions, so one compilation serves every bucket. A compilation failure logs one line and the engine goes on
@@ -112,6 +113,7 @@ class _Sequence:
     def __init__(self, request: Request, slot: int, tokenizer):
         self.request, self.slot = request, slot
         self.stop_ids = set() if request.ignore_eos else set(request.stop_ids)
+        self.ahead = 0  # decode steps launched for it whose tokens the host has not read yet
         streaming = request.on_text is not None or request.stop_strings
         self.detokenizer = Detokenizer(tokenizer, request.stop_strings, request.on_text) \
             if streaming and tokenizer is not None else None
@@ -120,6 +122,11 @@ class _Sequence:
     def position(self) -> int:
         """Where the last generated token goes in the cache."""
         return len(self.request.prompt) + len(self.request.tokens) - 1
+
+    @property
+    def needs_more(self) -> bool:
+        """Whether a step launched now could give it a token it uses (else it ends by length before)."""
+        return len(self.request.tokens) + self.ahead < self.request.max_new_tokens
 
     def add(self, token: int, tokenizer) -> bool:
         """Appends a token; True when the request is finished."""
@@ -145,6 +152,15 @@ class _Sequence:
             r.text = without_partial_character(
                 tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
         r.finish_reason = reason
+
+
+@dataclass
+class _Launched:
+    """A decode step sent to the device whose tokens the host has not read yet."""
+    seqs: dict  # slot -> the _Sequence it decodes for
+    chosen: torch.Tensor  # host copy of the chosen tokens (-1: a missed draw), complete once `ready` is
+    ready: torch.cuda.Event | None
+    logits: torch.Tensor | None  # a copy of the step's logits where a draw can miss (the graph's own are reused)
 
 
 def length_bucket(longest: int, limit: int) -> int:
@@ -239,6 +255,12 @@ class Engine:
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.token_buffer = torch.zeros(self.slots, dtype=torch.long, device=device)
         self.position_buffer = torch.zeros(self.slots, dtype=torch.long, device=device)
+        # step n's chosen tokens and logits, kept while step n + 1 runs: two of each, used in turn
+        pin = device.type == "cuda"
+        self.host_chosen = [torch.zeros(self.slots, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.kept_logits: list[torch.Tensor | None] = [None, None]
+        self.turn = 0
+        self.in_flight: _Launched | None = None
 
     # --- the API ------------------------------------------------------------------------------------------------
     def check(self, prompt_tokens: int, max_new_tokens: int):
@@ -262,6 +284,7 @@ class Engine:
     def drop_all(self):
         """Forgets every pending and active request (after a step raised; their slots are free again)."""
         self.pending.clear()
+        self.in_flight = None
         for slot in list(self.active):
             self._release(slot)
 
@@ -354,23 +377,71 @@ class Engine:
         return done
 
     def _decode(self) -> list[Request]:
-        batch = max(self.active) + 1
+        """Launches the next decode step, then reads the previous one's tokens while the device runs it."""
+        live = {slot: seq for slot, seq in self.active.items() if seq.needs_more}
+        launched = self._launch(live) if live else None
+        done = self._collect(self.in_flight, launched) if self.in_flight is not None else []
+        self.in_flight = launched
+        return done
+
+    def _launch(self, live: dict) -> _Launched:
+        """One decode step for the `live` sequences, sent to the device without waiting for it."""
+        batch = max(live) + 1
         if self.compiled is not None:
             batch = max(batch, 2)
-        longest = max(seq.position for seq in self.active.values()) + 1
+        longest = max(seq.position + seq.ahead for seq in live.values()) + 1  # ahead: steps not read yet
         if self._needs is None:  # kept while the same requests run
             self._needs = self.sampler.needs(list(self.active))
         mode, penalty, seeded = self._needs
         if self.cuda_graphs and not seeded:
             length = length_bucket(longest, self.max_len)
-            tokens, logits = self._replay(_bucket(batch, self.slots), length, mode, penalty)
+            chosen, logits = self._replay(_bucket(batch, self.slots), length, mode, penalty)
         else:  # CPU, or a row with its own generator (its draw is not capturable)
-            tokens, logits = self._decode_step(batch, longest, mode, penalty, seeded)
-        chosen = self._redraw_missed(tokens.tolist(), logits, [(s, s) for s in self.active], in_buffer=True)
+            chosen, logits = self._decode_step(batch, longest, mode, penalty, seeded)
+        turn, self.turn = self.turn, 1 - self.turn
+        host = self.host_chosen[turn][:len(chosen)]
+        host.copy_(chosen, non_blocking=True)
+        kept = None
+        if mode in ("nucleus", "nucleus_top_k"):  # the draws that can miss: keep their logits for `redraw`
+            if self.kept_logits[turn] is None or self.kept_logits[turn].dtype != logits.dtype:
+                self.kept_logits[turn] = torch.empty(self.slots, logits.shape[-1], dtype=logits.dtype,
+                                                     device=logits.device)
+            kept = self.kept_logits[turn][:len(logits)]
+            kept.copy_(logits)
+        ready = None
+        if host.is_pinned():
+            ready = torch.cuda.Event()
+            ready.record()
+        for seq in live.values():
+            seq.ahead += 1
+        return _Launched(dict(live), host, ready, kept)
+
+    def _collect(self, step: _Launched, following: _Launched | None) -> list[Request]:
+        """Adds a launched step's tokens to their sequences (those still active). A missed draw (-1) is drawn again
+        from the step's kept logits. The step launched after it (`following`) has already decoded that row from a
+        placeholder token: the row's result there is dropped, and the row decodes its redrawn token next (its
+        repetition marks set again from its tokens, as `following` marked a token of its own)."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        chosen = step.chosen.tolist()
+        mine = [(slot, seq) for slot, seq in step.seqs.items() if self.active.get(slot) is seq]
+        missed = [(slot, seq) for slot, seq in mine if chosen[slot] < 0]
+        for slot, seq in missed:
+            self.sampler.reset_seen(slot, seq.request.prompt, seq.request.tokens)
+        chosen = self._redraw_missed(chosen, step.logits, [(slot, slot) for slot, _ in missed], in_buffer=True)
         done = []
-        for slot, seq in list(self.active.items()):
+        for slot, seq in mine:
+            seq.ahead -= 1
             if seq.add(chosen[slot], self.tokenizer):
                 done.append(self._release(slot))
+            elif following is not None and following.seqs.get(slot) is seq and (slot, seq) in missed:
+                del following.seqs[slot]
+                seq.ahead -= 1
+        redone = [slot for slot, seq in missed if self.active.get(slot) is seq]
+        if redone:  # where each redrawn token goes (`following` moved the row on)
+            index = torch.tensor(redone, device=self.cached.device)
+            self.position_buffer[index] = torch.tensor([self.active[s].position for s in redone],
+                                                       device=self.cached.device)
         return done
 
     def _redraw_missed(self, chosen: list[int], logits, pairs, in_buffer: bool) -> list[int]:
@@ -392,14 +463,15 @@ class Engine:
     def _decode_step(self, batch: int, length: int, mode: str | None, penalty: bool, seeded: bool = False):
         """One token for slots 0..batch-1 from the device-side token and position buffers, which it advances
         (free slots in the range compute garbage that nothing reads). Returns the chosen tokens (device; -1 for
-        a missed draw, see _redraw_missed) and the logits they were drawn from."""
+        a missed draw, see _collect) and the logits they were drawn from."""
         tokens, positions = self.token_buffer[:batch], self.position_buffer[:batch]
         logits = self._logits(tokens, positions, length)
         chosen, logits = self.sampler.choose(logits, slice(0, batch), mode, penalty, seeded,
                                              compiled=self.compiled is not None)
-        tokens.copy_(chosen)
+        # a missed draw's placeholder: the next step may be launched before the host draws it again (_collect)
+        tokens.copy_(chosen.clamp(min=0))
         positions.copy_((positions + 1).clamp(max=self.max_len - 1))
-        return tokens, logits
+        return chosen, logits
 
     def _logits(self, tokens, positions, length):
         if self.compiled is not None:

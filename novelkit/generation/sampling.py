@@ -237,16 +237,22 @@ class Sampler:
         self.top_p[row] = params.top_p
         self.penalty[row] = params.repetition_penalty
         self.prompt_factor[row] = 1 / params.encoder_repetition_penalty
-        self.seen[row] = False
         self.in_prompt[row] = False
         if params.penalizes:
-            prompt_ids = torch.tensor(prompt, device=self.device)
-            self.in_prompt[row, prompt_ids] = True
-            if params.penalize_prompt:
-                self.seen[row, prompt_ids] = True
+            self.in_prompt[row, torch.tensor(prompt, device=self.device)] = True
+        self.reset_seen(row, prompt, [])
         self.generators[row] = None
         if params.seed is not None and params.do_sample:
             self.generators[row] = torch.Generator(self.device).manual_seed(params.seed)
+
+    def reset_seen(self, row: int, prompt: list[int], generated: list[int]):
+        """Sets a row's repetition marks from its tokens: those it generated, and its prompt's where the prompt
+        counts (the engine, after a step that marked a token the row then did not keep)."""
+        self.seen[row] = False
+        params = self.params[row]
+        ids = (list(prompt) if params is not None and params.penalize_prompt else []) + list(generated)
+        if params is not None and params.penalizes and ids:
+            self.seen[row, torch.tensor(ids, device=self.device)] = True
 
     def needs(self, rows) -> tuple[str | None, bool, bool]:
         """(how sampling rows draw: None (all greedy), "nucleus", "nucleus_top_k" or "sort" (a top_k over
