@@ -118,6 +118,31 @@ def test_launcher_on_cpu_uses_torchrun_with_gloo_processes(fake_launchers, tmp_p
     assert call[-4:] == ["--use_cpu", "true", "--deepspeed", "ds.json"]
 
 
+@pytest.mark.parametrize("gpus,num_gpus,visible,expected", [
+    ("1", "", "", ["python", "0"]),       # one GPU: the script itself, in the launcher's environment
+    ("4", "1", "2,3", ["python", "2"]),   # NUM_GPUS=1 of several: the first visible one
+    ("2", "", "", ["deepspeed", "--master_port"]),  # several: the deepspeed launcher
+])
+def test_launcher_on_one_gpu_starts_the_script_itself(gpus, num_gpus, visible, expected, fake_launchers, tmp_path):
+    bin_dir, calls = fake_launchers
+    # a `python` that reports `gpus` CUDA devices to the launcher's probe and records how it was started
+    (bin_dir / "python").write_text(
+        f'#!/bin/sh\ncase "$*" in *device_count*) echo {gpus}; exit 0;; esac\n'
+        f'echo "python $CUDA_VISIBLE_DEVICES $RANK $LOCAL_RANK $WORLD_SIZE $MASTER_ADDR $MASTER_PORT $*" >> "{calls}"\n')
+    (bin_dir / "python").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", NUM_GPUS=num_gpus, CUDA_VISIBLE_DEVICES=visible,
+               MASTER_PORT="29556", DS_CONFIG="ds.json", BF16="true")
+    env.pop("HOSTFILE", None)
+    assert subprocess.run(["bash", str(ROOT / "Baichuan-Finetune-Lora" / "ds_finetune.sh"), "--max_steps", "5"],
+                          env=env, cwd=tmp_path, timeout=120).returncode == 0
+    call = calls.read_text().split()
+    assert call[:2] == expected
+    assert call[-4:] == ["--max_steps", "5", "--deepspeed", "ds.json"]
+    if expected[0] == "python":
+        assert call[2:8] == ["0", "0", "1", "127.0.0.1", "29556", "-u"]
+        assert call[8] == str(ROOT / "Baichuan-Finetune-Lora" / "finetune.py")
+
+
 def test_every_script_has_the_same_four_zero_configs():
     for name in CONFIGS:
         texts = {(ROOT / folder / name).read_text() for folder in FOLDERS}
