@@ -21,7 +21,8 @@ A run is WORKLOAD:LOOP:SEQ[:PLAN]:
   compile / nocompile (torch.compile of each decoder layer; default on for ours only), ce=torch (ours: our PyTorch
   chunked loss instead of Liger's kernel), cmc=N (the Liger loss's chunk size factor, novelkit.models.chunked_loss),
   acc=w / acc=f32 (the Liger loss sums the head's gradient in the weight's dtype, the default, or in float32),
-  sdpa=cudnn (cuDNN's attention kernels first).
+  sdpa=cudnn (cuDNN's attention kernels first), cg (ours: the compiled layers also replayed as CUDA graphs,
+  torch.compile's mode="reduce-overhead": no launch gaps between a layer's kernels; the recipes do not do this).
 - mix: WORKLOAD:naive-mix / ours-mix: real CSL title-generation lengths (bench/csl_lengths.json): naive pads each
   batch of 4 samples to its longest; ours packs samples into rows of SEQ tokens. Effective (non-padding) tokens/s.
 
@@ -74,10 +75,13 @@ DEFAULT_RUNS = [
 
 
 def parse_plan(text: str, loop: str) -> dict:
-    plan = {"mb": 0, "gc": 0, "compile": loop.startswith("ours"), "ce": "", "cmc": 0, "acc": "", "sdpa": ""}
+    plan = {"mb": 0, "gc": 0, "compile": loop.startswith("ours"), "ce": "", "cmc": 0, "acc": "", "sdpa": "",
+            "cg": False}
     for item in filter(None, text.split(",")):
         if item in ("compile", "nocompile"):
             plan["compile"] = item == "compile"
+        elif item == "cg":
+            plan["cg"] = True
         elif item.startswith("mb"):
             plan["mb"] = int(item[2:])
         elif item.startswith("gc"):
@@ -128,7 +132,7 @@ def build(workload: str, loop: str, plan: dict, overrides: dict):
     from shapes import build_model
 
     import novelkit.models.chunked_loss as chunked_loss
-    from novelkit.training.fast_training import checkpoint_some_layers, compile_layers, use_chunked_loss
+    from novelkit.training.fast_training import checkpoint_some_layers, compile_layers, decoder_layers, use_chunked_loss
 
     model = build_model(WORKLOADS[workload], device=DEVICE, dtype=torch.bfloat16, **overrides)
     params = sum(p.numel() for p in model.parameters())
@@ -169,6 +173,10 @@ def build(workload: str, loop: str, plan: dict, overrides: dict):
             on["chunked_loss"] = use_chunked_loss(model)
             on["loss_kernel"] = chunked_loss.gpu_loss_kernel()
         on["compiled"] = compile_layers(model) if plan["compile"] else False
+        if plan["cg"] and on["compiled"]:  # the same layers again, now captured as CUDA graphs (forward and backward)
+            for layer in decoder_layers(model):
+                layer.compile(mode="reduce-overhead")
+            on["compiled"] = "reduce-overhead"
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5 if workload == "full-1.5b" else 1e-4,
@@ -280,6 +288,8 @@ def run_one(spec: str, steps: int, warmup: int, overrides: dict, profile_dir: st
         batch = {k: v.to(DEVICE, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
         sync()
         start = time.perf_counter()
+        if plan["cg"]:  # a new iteration: the graphs' outputs of the last step may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         n = batch["input_ids"].shape[0]
         parts_ = [slice(i, i + micro) for i in range(0, n, micro)] if micro else [slice(0, n)]
         total = torch.zeros((), device=DEVICE)
