@@ -6,18 +6,19 @@
 
 A static KV cache of `max_batch` slots x `max_len` positions (engine_model.py); each request prefills into a free
 slot and decodes one token per step at its own position, so requests join and leave between steps. On CUDA the
-decode step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed: one launch per
-step instead of hundreds of kernel launches from Python, which is what bounds `generate` at small batches. Sampling
-(sampling.py, per-row settings) is part of the graph, and the step's inputs stay on the device, so a step costs
-the host one replay and one read of the chosen tokens; and the host reads step n's tokens (streams them, checks stops)
-while the device runs step n + 1, launched before them, so that the GPU does not wait for the host between steps. On CUDA the model's decode step is also compiled with
-torch.compile (inductor) before capture (`compile=False` for a model being trained): it fuses the
-dozens of small kernels per layer that calling the model's own modules costs; batch and cache length are dynamic
-dimensions, so one compilation serves every bucket. A compilation failure logs one line and the engine goes on
-uncompiled. A compiled engine also takes the weights as frozen (inference only): q/k/v and gate/up projections run
-as one matrix product each (engine_model.fuse_linear_weights), and the top-p draw needs no sort of the vocabulary
-(sampling.draw_nucleus; a rare miss is drawn again the sorting way before the token is used). `warm_up()` compiles
-before the first request. On CPU the same code runs eagerly (compiled only when asked).
+decode step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed: one launch per step
+instead of hundreds of kernel launches from Python, which is what bounds `generate` at small batches. Sampling
+(sampling.py, per-row settings) is part of the graph, and the step's inputs stay on the device, so a step costs the
+host one replay and one read of the chosen tokens; and the host reads step n's tokens (streams them, checks stops)
+while the device runs step n + 1, launched before them, so that the GPU does not wait for the host between steps. On
+CUDA the model's decode step is also compiled with torch.compile (inductor) before capture (`compile=False` for a
+model being trained): it fuses the dozens of small kernels per layer that calling the model's own modules costs;
+batch and cache length are dynamic dimensions, so one compilation serves every bucket. A compilation failure logs
+one line and the engine goes on uncompiled. A compiled engine also takes the weights as frozen (inference only):
+q/k/v and gate/up projections run as one matrix product each (engine_model.fuse_linear_weights), and the top-p draw
+needs no sort of the vocabulary (sampling.draw_nucleus; a rare miss is drawn again the sorting way, and the row's
+next step, launched before the miss was seen, is decoded again). `warm_up()` compiles before the first request. On
+CPU the same code runs eagerly (compiled only when asked).
 
 Models the fast path cannot run (engine_model.fast_path_problem) go through transformers' `generate`, one request
 at a time, behind the same API.
@@ -419,7 +420,7 @@ class Engine:
     def _collect(self, step: _Launched, following: _Launched | None) -> list[Request]:
         """Adds a launched step's tokens to their sequences (those still active). A missed draw (-1) is drawn again
         from the step's kept logits. The step launched after it (`following`) has already decoded that row from a
-        placeholder token: the row's result there is dropped, and the row decodes its redrawn token next (its
+        stand-in token: the row's result there is dropped, and the row decodes its redrawn token next (its
         repetition marks set again from its tokens, as `following` marked a token of its own)."""
         if step.ready is not None:
             step.ready.synchronize()
@@ -468,7 +469,8 @@ class Engine:
         logits = self._logits(tokens, positions, length)
         chosen, logits = self.sampler.choose(logits, slice(0, batch), mode, penalty, seeded,
                                              compiled=self.compiled is not None)
-        # a missed draw's placeholder: the next step may be launched before the host draws it again (_collect)
+        # a missed draw (-1) goes in as token 0, a stand-in: the next step may be launched before the host draws it
+        # again (_collect), which then drops that step's result for the row
         tokens.copy_(chosen.clamp(min=0))
         positions.copy_((positions + 1).clamp(max=self.max_len - 1))
         return chosen, logits
